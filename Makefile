@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine:  `make demo`  and  `make test`.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+DEVICE  ?= cpu
+STAMP   := $(VENV)/.installed-stamp
+
+.PHONY: install demo test teacher smoke clean-outputs
+
+install: $(STAMP)
+
+# --system-site-packages keeps a CUDA torch that is already on a GPU machine; on a CPU machine with
+# no torch, `torch==2.13.0` resolves to the local CPU wheel instead of gigabytes of CUDA packages.
+# DeepSpeed is an sdist that imports torch while building: install it without build isolation
+# (DS_BUILD_OPS=0: its CUDA ops are JIT-built on first use on GPU machines).
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv --system-site-packages $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) scripts/demo.py --device $(DEVICE)
+
+# Retrain the shipped default teacher (hours on a 2-core CPU; see README "Default teacher").
+teacher: $(STAMP)
+	$(PY) scripts/train_teacher.py --device $(DEVICE)
+
+smoke: $(STAMP)
+	$(PY) train.py --config configs/smoke/teacher_pretrain.yaml

@@ -1,0 +1,38 @@
+"""Checkpoint I/O and export callbacks.
+
+Lightning writes `.ckpt` through an fsspec transaction (temp file, then move), so an interrupted
+save never leaves a truncated checkpoint. We only tighten loading: `torch.load(weights_only=True)`,
+so resuming never unpickles arbitrary objects. Exports for later stages are safetensors + JSON.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
+        return super().load_checkpoint(path, map_location=map_location, weights_only=True)
+
+
+class ExportOnTrainEnd(L.Callback):
+    """Write `pl_module.export(dirpath)` (safetensors + config.json) when fit ends and at every
+    checkpoint, so the export always matches the newest checkpoint."""
+
+    def __init__(self, dirpath: str, every_checkpoint: bool = True):
+        self.dirpath = dirpath
+        self.every_checkpoint = every_checkpoint
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            path = pl_module.export(self.dirpath)
+            print(f"exported weights to {path}")
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        if self.every_checkpoint and trainer.is_global_zero:
+            pl_module.export(self.dirpath)

@@ -1,0 +1,54 @@
+"""Small helpers shared by the stage modules (functions, not a base class)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from models.protocol import TextCond
+
+
+def drop_prompts(text: TextCond, null: TextCond, p: float, generator: torch.Generator | None = None) -> TextCond:
+    """Replace each sample's prompt by the null prompt with probability p (for classifier-free guidance)."""
+    if p <= 0:
+        return text
+    b = text.batch_size
+    drop = torch.rand(b, generator=generator, device=text.tokens.device) < p  # (B,)
+    if null.tokens.shape[1] != text.tokens.shape[1]:
+        raise ValueError(f"null prompt length {null.tokens.shape[1]} != prompt length {text.tokens.shape[1]}")
+    d3 = drop[:, None, None]
+    return TextCond(torch.where(d3, null.tokens.expand_as(text.tokens), text.tokens),
+                    torch.where(drop[:, None], null.mask.expand_as(text.mask), text.mask),
+                    torch.where(drop[:, None], null.pooled.expand_as(text.pooled), text.pooled))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are copied)."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1.0 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def warmup_cosine(step: int, warmup: int, total: int | None, min_ratio: float = 0.1) -> float:
+    """LR multiplier: linear warm-up, then cosine decay to `min_ratio` at `total` (constant if total is None)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not total or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def freeze(module: nn.Module) -> nn.Module:
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def finite_or_raise(name: str, value: Tensor, step: int) -> Tensor:
+    """Stop with a clear message when a loss term is NaN/Inf instead of training on garbage."""
+    if not torch.isfinite(value).all():
+        raise FloatingPointError(f"non-finite {name} at global step {step}: {value.detach().flatten()[:4].tolist()}")
+    return value

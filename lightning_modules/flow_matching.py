@@ -1,0 +1,81 @@
+"""Stage 0: train a text-to-video teacher from scratch with rectified flow (toy world and benchmarks).
+
+Loss: E || v_theta(x_t, t, c) - (eps - x0) ||^2 with x_t = (1 - t) x0 + t eps; 10% of prompts are
+replaced by the null prompt so the teacher supports classifier-free guidance. An EMA copy of the
+backbone is kept and is what gets exported.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from datamodules.latent_video import batch_text
+from lightning_modules.common import drop_prompts, ema_update, finite_or_raise, warmup_cosine
+from losses.flow import flow_matching_loss, interpolate, sample_time
+from models.io import save_backbone
+from models.protocol import TextCond
+
+
+class FlowMatchingModule(L.LightningModule):
+    def __init__(self, backbone: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
+                 betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 200, decay_steps: int | None = None,
+                 ema_decay: float = 0.999, prompt_dropout: float = 0.1, time_distribution: str = "logit_normal",
+                 time_shift: float = 1.0, grad_clip: float = 1.0):
+        super().__init__()
+        self.save_hyperparameters(ignore=["backbone"])
+        self.backbone = backbone
+        self.ema = copy.deepcopy(backbone).requires_grad_(False)
+
+    # --- data helpers -----------------------------------------------------------------------------
+    @property
+    def null_text(self) -> TextCond:
+        return self.trainer.datamodule.null_text.to(device=self.device)
+
+    def _loss(self, model: nn.Module, batch: dict, generator: torch.Generator | None = None,
+              dropout: float = 0.0) -> torch.Tensor:
+        x0 = batch["latents"]
+        text = batch_text(batch)
+        text = drop_prompts(text, self.null_text, dropout, generator)
+        t = sample_time(x0.shape[0], self.hparams.time_distribution, shift=self.hparams.time_shift,
+                        generator=generator, device=x0.device)  # (B,) float32
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return flow_matching_loss(model(interpolate(x0, eps, t), t, text), x0, eps)
+
+    # --- training ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = finite_or_raise("train/loss", self._loss(self.backbone, batch, dropout=self.hparams.prompt_dropout),
+                               self.global_step)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.hparams.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.hparams.grad_clip)
+            self.log("train/grad_norm", norm)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        ema_update(self.ema, self.backbone, self.hparams.ema_decay)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        # fixed noise and times per batch so the curve is comparable across evaluations
+        gen = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
+        self.log("val/loss", self._loss(self.ema, batch, generator=gen), prog_bar=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.backbone.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
+                                weight_decay=self.hparams.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: warmup_cosine(s, self.hparams.warmup_steps, self.hparams.decay_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- export -----------------------------------------------------------------------------------
+    def sampling_model(self) -> nn.Module:
+        """The network to sample from: the EMA backbone."""
+        return self.ema
+
+    def export(self, directory: str | Path) -> Path:
+        return save_backbone(self.ema, directory)

@@ -1,0 +1,119 @@
+"""Build backbones from a config dict and save/load them as safetensors + JSON config.
+
+An export directory holds `model.safetensors` and `config.json` ({"type": ..., ...}). Later
+stages load the previous stage's export by path. Nothing is unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def _build_mmdit(cfg: dict) -> nn.Module:
+    from models.mmdit import MMDiT
+
+    return MMDiT(config=cfg)
+
+
+def _build_hunyuan(cfg: dict) -> nn.Module:
+    from models.hunyuan_video import HunyuanVideoBackbone
+
+    return HunyuanVideoBackbone.from_config(cfg)
+
+
+def _build_wan(cfg: dict) -> nn.Module:
+    from models.wan import WanBackbone
+
+    return WanBackbone.from_config(cfg)
+
+
+BACKBONE_BUILDERS: dict[str, Callable[[dict], nn.Module]] = {
+    "mmdit": _build_mmdit,
+    "hunyuan_video": _build_hunyuan,
+    "wan": _build_wan,
+}
+
+
+def build_backbone(config: dict) -> nn.Module:
+    """Instantiate a backbone (random weights) from its config dict."""
+    cfg = dict(config)
+    kind = cfg.pop("type", None)
+    if kind not in BACKBONE_BUILDERS:
+        raise ValueError(f"backbone config 'type' is {kind!r}; expected one of {sorted(BACKBONE_BUILDERS)}")
+    return BACKBONE_BUILDERS[kind](cfg)
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_module(module: nn.Module, directory: str | os.PathLike, config: dict) -> Path:
+    """Write `module`'s state dict as safetensors and `config` as JSON, each atomically."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p))
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, default=list)))
+    return out
+
+
+def save_backbone(model: nn.Module, directory: str | os.PathLike) -> Path:
+    return save_module(model, directory, model.config)
+
+
+def read_config(directory: str | os.PathLike) -> dict:
+    d = Path(directory)
+    cfg_path = d / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in export directory {str(d)!r}: is this a model export?")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path} is not valid JSON: {err}") from err
+
+
+def load_state(module: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load `model.safetensors` into `module`, failing clearly on missing, unexpected or misshapen keys."""
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} not found")
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"cannot read {path}: {err}") from err
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(filter(None, [
+            f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
+            f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else "",
+            ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]),
+        ]))
+        raise ValueError(f"checkpoint {path} does not match the model config: {detail}")
+    module.load_state_dict(state)
+    return module
+
+
+def load_backbone(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a backbone from `config.json` and load its safetensors weights."""
+    model = build_backbone(read_config(directory))
+    return load_state(model, directory).to(map_location)

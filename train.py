@@ -1,0 +1,44 @@
+"""Train any stage: `python train.py --config configs/<stage>.yaml [--a.b value ...] [--ckpt_path last]`.
+
+Model and data are chosen in YAML by class_path/init_args (LightningCLI subclass mode). Configs
+are parsed with omegaconf interpolation resolved after command-line overrides.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from callbacks.checkpointing import SafeCheckpointIO
+
+
+class DisCaCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--ckpt_path", type=str | None, default=None,
+                            help="resume from this Lightning checkpoint ('last' = the newest last.ckpt)")
+        parser.add_argument("--seed", type=int, default=0, help="global seed (torch, numpy, python)")
+
+
+def build_cli(args: list[str] | None = None) -> DisCaCLI:
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    return DisCaCLI(
+        L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        run=False, args=args, seed_everything_default=False,
+        parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
+        trainer_defaults={"plugins": [SafeCheckpointIO()]},
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def main(args: list[str] | None = None) -> dict[str, Any]:
+    """Parse, fit, and return the final logged metrics (so tests can call it)."""
+    cli = build_cli(args)
+    L.seed_everything(cli.config.seed, workers=True)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+
+
+if __name__ == "__main__":
+    main()

@@ -11,7 +11,6 @@ import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from callbacks.checkpointing import SafeCheckpointIO
 
 
 class DisCaCLI(LightningCLI):
@@ -27,7 +26,7 @@ def build_cli(args: list[str] | None = None) -> DisCaCLI:
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         run=False, args=args, seed_everything_default=False,
         parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
-        trainer_defaults={"plugins": [SafeCheckpointIO()]},
+        trainer_defaults={"plugins": [{"class_path": "callbacks.checkpointing.SafeCheckpointIO"}]},
         save_config_kwargs={"overwrite": True},
     )
 

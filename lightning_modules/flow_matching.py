@@ -49,7 +49,7 @@ class FlowMatchingModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = finite_or_raise("train/loss", self._loss(self.backbone, batch, dropout=self.hparams.prompt_dropout),
                                self.global_step)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
         return loss
 
     def on_before_optimizer_step(self, optimizer) -> None:
@@ -63,7 +63,8 @@ class FlowMatchingModule(L.LightningModule):
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # fixed noise and times per batch so the curve is comparable across evaluations
         gen = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
-        self.log("val/loss", self._loss(self.ema, batch, generator=gen), prog_bar=True)
+        self.log("val/loss", self._loss(self.ema, batch, generator=gen), prog_bar=True,
+                 batch_size=batch["latents"].shape[0])
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.backbone.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),

@@ -288,7 +288,8 @@ class MMDiT(nn.Module):
         self.cfg.r_embed = mode
 
     # --- the protocol ------------------------------------------------------------------------------
-    def embed(self, x: Tensor, text: TextCond) -> Tokens:
+    def embed(self, x: Tensor, text: TextCond, t: Tensor | None = None) -> Tokens:
+        """`t` is unused here (no timestep-dependent token refiner); accepted for the protocol."""
         cfg = self.cfg
         if x.ndim != 5 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be (B, {cfg.in_channels}, F, H, W), got {tuple(x.shape)}")

@@ -7,7 +7,8 @@ A backbone maps a noisy video latent to a velocity (stage 0/1) or a mean velocit
 and exposes its pieces so the learned predictor (stage 3) and the training-free caches can reuse
 them:
 
-    embed(x, text)                    -> Tokens   (image tokens, text tokens, RoPE, grid)
+    embed(x, text, t=None)            -> Tokens   (image tokens, text tokens, RoPE, grid;
+                                                   t is used by HunyuanVideo's token refiner)
     condition(t, r, guidance, pooled) -> vec      (B, H) adaLN conditioning vector
     transformer(tokens, vec, hook)    -> hidden   (B, N_img + N_txt, H), features
     head(hidden, vec, tokens)         -> velocity (B, C, F, H, W)
@@ -119,7 +120,7 @@ class VideoBackbone(Protocol):
             *, return_hidden: bool = False, feature_layers: Sequence[int] = (), hook: FeatureHook = PLAIN
             ) -> BackboneOutput: ...
 
-    def embed(self, x: Tensor, text: TextCond) -> Tokens: ...
+    def embed(self, x: Tensor, text: TextCond, t: Tensor | None = None) -> Tokens: ...
 
     def condition(self, t: Tensor, r: Tensor | None, guidance: Tensor | None, pooled: Tensor) -> Tensor: ...
 

@@ -14,21 +14,33 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 
 class DisCaCLI(LightningCLI):
+    parse_only = False
+
+    def instantiate_classes(self) -> None:
+        if not self.parse_only:  # parse_config(): validate types and class paths, build nothing
+            super().instantiate_classes()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="resume from this Lightning checkpoint ('last' = the newest last.ckpt)")
         parser.add_argument("--seed", type=int, default=0, help="global seed (torch, numpy, python)")
 
 
-def build_cli(args: list[str] | None = None) -> DisCaCLI:
+def build_cli(args: list[str] | None = None, parse_only: bool = False) -> DisCaCLI:
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
-    return DisCaCLI(
+    cls = type("ParseOnlyCLI", (DisCaCLI,), {"parse_only": True}) if parse_only else DisCaCLI
+    return cls(
         L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
         run=False, args=args, seed_everything_default=False,
         parser_kwargs={"parser_mode": "omegaconf+", "default_env": False},
         trainer_defaults={"plugins": [{"class_path": "callbacks.checkpointing.SafeCheckpointIO"}]},
         save_config_kwargs={"overwrite": True},
     )
+
+
+def parse_config(args: list[str]):
+    """The fully resolved, type-checked config namespace, without building models or loading weights."""
+    return build_cli(args, parse_only=True).config
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:

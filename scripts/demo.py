@@ -1,0 +1,99 @@
+"""`make demo`: prepare data -> (shipped) teacher -> CFG distillation -> Restricted MeanFlow ->
+predictor GAN -> evaluate, on the embedded default world. Every stage is the user's own command
+(`python prepare.py`, `python train.py --config ...`, `python evaluate.py --config ...`) run as a
+subprocess; a finished stage leaves a marker and is skipped next time, an interrupted one resumes
+from its last checkpoint. Budgets live in configs/demo.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(cmd: list[str], log: Path) -> None:
+    """Run a command from the repo root, tee its output to `log`, fail loudly on error."""
+    print(f"$ {' '.join(cmd)}", flush=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "a") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:
+            f.write(line)
+            if not line.startswith(("\r", "Epoch")) and "Warning" not in line:
+                sys.stdout.write(line)
+        if proc.wait() != 0:
+            raise SystemExit(f"demo: `{' '.join(cmd)}` failed (exit {proc.returncode}); full log in {log}")
+    print(f"  ({time.time() - start:.0f} s)", flush=True)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo.yaml")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    args = p.parse_args(argv)
+    cfg = OmegaConf.load(ROOT / args.config)
+    py = sys.executable
+    marks = ROOT / cfg.output_root / "demo"
+    logs = marks / "logs"
+    total = time.time()
+
+    def stage(name: str, cmd: list[str]) -> None:
+        mark = marks / f"{name}.done"
+        if mark.exists():
+            print(f"[{name}] done already ({mark}); delete the marker to redo it")
+            return
+        print(f"[{name}]", flush=True)
+        run(cmd, logs / f"{name}.log")
+        mark.parent.mkdir(parents=True, exist_ok=True)
+        mark.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+    # 1. data
+    data_dir = ROOT / cfg.data.dir
+    if not (data_dir / "metadata.json").exists():
+        stage("data", [py, "prepare.py", "--out", cfg.data.dir, *cfg.data.prepare])
+    # 2. teacher: shipped for the CPU demo, trained here on a GPU
+    teacher = ROOT / cfg.teacher
+    extra_stage: list[str] = []
+    if args.device == "cuda":
+        stage("teacher_cuda", [py, "train.py", "--config", "configs/teacher_pretrain.yaml",
+                               *cfg.cuda.teacher_overrides, *_resume("outputs/teacher")])
+        teacher = ROOT / "outputs/teacher/export"
+        extra_stage = list(cfg.cuda.stage_overrides)
+    if not (teacher / "model.safetensors").exists():
+        raise SystemExit(f"demo: the default teacher {teacher} is missing; run `make teacher` to train it")
+    print(f"[teacher] {teacher}")
+    # 3. distillation stages
+    for s in cfg.stages:
+        overrides = list(s.overrides) + extra_stage
+        if s.name == "cfg_distill":
+            overrides += ["--model.init_args.teacher.init_args.directory", str(teacher)]
+        stage(s.name, [py, "train.py", "--config", s.config, *overrides,
+                       *_resume(f"{cfg.output_root}/{s.name}")])
+    # 4. evaluation (always rerun: it is the report)
+    out = Path(cfg.evaluate.output_dir)
+    ev = [py, "evaluate.py", "--config", cfg.evaluate.config, "--output_dir", str(out), *cfg.evaluate.overrides]
+    if args.device == "cuda":
+        ev += ["--device", "cuda", "--teacher_dir", str(teacher)]
+    print("[evaluate]", flush=True)
+    run(ev, logs / "evaluate.log")
+    report = ROOT / out / "report.md"
+    print(f"\ndemo finished in {(time.time() - total) / 60:.1f} min\nreport: {report}\nlogs: {logs}")
+    return report
+
+
+def _resume(root: str) -> list[str]:
+    last = ROOT / root / "checkpoints" / "last.ckpt"
+    return ["--ckpt_path", str(last)] if last.exists() else []
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+"""evaluate.py end to end on the smoke config, plus the efficiency measurements and method specs."""
+from __future__ import annotations
+
+import csv
+import json
+import time
+
+import pytest
+import torch
+
+import evaluate
+from evaluation import efficiency, report
+from evaluation.methods import (MethodSpec, MissingExport, ModelStore, check_available, disca_schedule,
+                                make_velocity)
+from models.io import save_backbone
+from models.mmdit import MMDiT
+from sampling.sampler import ModelVelocity, sample, time_grid
+from tests.conftest import perturb, tiny_text
+
+SMOKE = "configs/smoke/evaluate.yaml"
+MISSING = {"name": "missing_student", "kind": "cfg_distilled", "model": "outputs/does/not/exist", "guidance": 4.0,
+           "train_config": "configs/cfg_distill.yaml"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core CPU: one intra-op thread avoids oversubscription stalls (the
+    smoke config sets num_threads: 1 for the same reason)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    start = time.perf_counter()
+    result = evaluate.main(["--config", SMOKE, "--output_dir", str(out), "--skip_missing", "true",
+                            "--methods+", json.dumps(MISSING)])
+    seconds = time.perf_counter() - start
+    print(f"smoke evaluation took {seconds:.1f} s")
+    return out, result, seconds
+
+
+def smoke_method_names() -> list[str]:
+    parser = evaluate.build_parser()
+    return [m.name for m in parser.parse_args(["--config", SMOKE]).methods]
+
+
+def test_smoke_writes_every_output_file(smoke):
+    out, result, _ = smoke
+    names = smoke_method_names()
+    for name in ("results.csv", "results.json", "report.md", "pareto.png"):
+        assert (out / name).stat().st_size > 0, name
+    for name in names + ["ground_truth"]:
+        assert (out / "samples" / f"{name}.gif").read_bytes()[:6] == b"GIF89a"
+    assert list((out / "tb").glob("events.out.tfevents.*"))
+
+
+def test_smoke_results_have_every_method_and_column(smoke):
+    out, result, _ = smoke
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["name"] for r in rows] == smoke_method_names()
+    for r in rows:
+        assert set(r) == set(report.COLUMNS)
+        assert all(v not in ("", "nan", "None") for v in r.values()), r
+    data = json.loads((out / "results.json").read_text())
+    assert set(data["bounds"]) == {"ground truth (ceiling)", "noise (floor)"}
+    assert data["skipped"] == {"missing_student": result["skipped"]["missing_student"]}
+
+
+def test_smoke_numbers_are_consistent(smoke):
+    _, result, _ = smoke
+    rows = {r["name"]: r for r in result["rows"]}
+    ref = rows["teacher_cfg_8"]
+    assert ref["nfe_dit"] == 16 and ref["speedup"] == 1.0 and ref["psnr"] == pytest.approx(100.0)
+    assert rows["teacher_cfg_2"]["theoretical_speedup"] == pytest.approx(4.0, rel=1e-6)  # same model, 4x fewer calls
+    assert rows["cfg_distilled_4"]["nfe_dit"] == 4 and rows["cfg_distilled_4"]["cfg_distilled"]
+    assert rows["fora_n2"]["nfe_dit_effective"] < rows["fora_n2"]["nfe_dit"] == 4
+    assert rows["fora_n2"]["flops"] < rows["cfg_distilled_4"]["flops"] and rows["fora_n2"]["cache_mb"] > 0
+    assert rows["disca_n2"]["nfe_dit"] == 3 and rows["disca_n2"]["nfe_predictor"] == 1
+    assert rows["disca_n2"]["flops"] < rows["meanflow_4"]["flops"]
+    ceiling, floor = result["bounds"]["ground truth (ceiling)"], result["bounds"]["noise (floor)"]
+    assert ceiling["color_acc"] > floor["color_acc"] and ceiling["fd_classifier"] < floor["fd_classifier"]
+
+
+def test_smoke_report_has_tables_bounds_and_skipped(smoke):
+    out, _, seconds = smoke
+    text = (out / "report.md").read_text()
+    for needle in ("Table 2", "Table 4", "Faithfulness", "ground truth (ceiling)", "noise (floor)",
+                   "## Skipped methods", "missing_student", "python train.py --config configs/cfg_distill.yaml"):
+        assert needle in text, needle
+    assert seconds < 180  # the smoke evaluation's budget on a 2-core CPU
+
+
+def test_missing_export_fails_clearly_before_any_work(tmp_path):
+    with pytest.raises(MissingExport, match=r"'missing_student'.*outputs/does/not/exist.*configs/cfg_distill\.yaml"):
+        evaluate.main(["--config", SMOKE, "--output_dir", str(tmp_path), "--methods", json.dumps([MISSING])])
+    assert not any(tmp_path.iterdir())
+
+
+def test_reference_cannot_be_skipped(tmp_path):
+    with pytest.raises(MissingExport, match="reference"):
+        evaluate.main(["--config", SMOKE, "--output_dir", str(tmp_path), "--skip_missing", "true",
+                       "--methods", json.dumps([MISSING])])
+
+
+def test_full_config_parses_and_lists_the_paper_rows():
+    parser = evaluate.build_parser()
+    init = parser.instantiate(parser.parse_args(["--config", "configs/evaluate.yaml"]))
+    cfg = evaluate.EvalConfig(**{k: init[k] for k in evaluate.EvalConfig.__dataclass_fields__})
+    specs = {m.name: m for m in cfg.methods}
+    assert cfg.reference == "teacher_cfg_50" and specs["teacher_cfg_50"].cfg_scale == 4.0
+    assert {m.cache for m in cfg.methods if m.kind == "cache"} == {"fora", "delta_dit", "pab", "teacache",
+                                                                    "taylorseer"}
+    full_steps = {n: len(disca_schedule(specs[n])) for n in ("disca_n2", "disca_n3", "disca_n4")}
+    assert full_steps == {"disca_n2": 13, "disca_n3": 11, "disca_n4": 8}  # paper appendix 6.3
+    assert specs["disca_n4_reuse"].predictor == "reuse" and specs["disca_n4_r1"].model == "outputs/meanflow_r1/export"
+
+
+def test_help_documents_the_options():
+    text = evaluate.build_parser().format_help()
+    for needle in ("--num_videos", "first N prompts of the validation split", "--timing.repeats",
+                   "--skip_missing", "--semantic.classifier_dir"):
+        assert needle in text
+
+
+# --- method specs and model loading -------------------------------------------------------------------
+def test_method_spec_validation():
+    with pytest.raises(ValueError, match="kind 'bogus'"):
+        MethodSpec(name="a", kind="bogus", model="random:tiny")
+    with pytest.raises(ValueError, match="needs base"):
+        MethodSpec(name="a", kind="cache", model="random:tiny", cache="fora", guidance=4.0)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        MethodSpec(name="a", kind="teacher_cfg", model="random:tiny")
+    with pytest.raises(ValueError, match="exactly one of `schedule`"):
+        MethodSpec(name="a", kind="disca", model="random:tiny", predictor="reuse", guidance=4.0)
+    spec = MethodSpec(name="a", kind="cache", base="teacher_cfg", cache="fora", model="random:tiny", cfg_scale=4.0)
+    assert not spec.cfg_distilled and spec.sampler_kind == "teacher_cfg"
+
+
+def test_export_mismatch_and_capability_errors_name_the_method(tmp_path):
+    export = tmp_path / "teacher"
+    save_backbone(perturb(MMDiT(size="tiny")), export)
+    store = ModelStore(torch.device("cpu"))
+    as_meanflow = MethodSpec(name="mf_on_teacher", kind="meanflow", model=str(export), guidance=4.0)
+    check_available(as_meanflow)
+    with pytest.raises(ValueError, match="'mf_on_teacher'.*no r embedding"):
+        store.backbone(as_meanflow)
+    cfg = json.loads((export / "config.json").read_text())
+    cfg["hidden_size"], cfg["rope_axes_dim"] = 64, [8, 12, 12]
+    (export / "config.json").write_text(json.dumps(cfg))
+    teacher = MethodSpec(name="broken_teacher", kind="teacher_cfg", model=str(export), cfg_scale=4.0)
+    with pytest.raises(ValueError, match="'broken_teacher'.*does not match"):
+        ModelStore(torch.device("cpu")).backbone(teacher)
+
+
+def test_teacache_calibration_missing_names_the_command():
+    spec = MethodSpec(name="tc", kind="cache", base="cfg_distilled", cache="teacache", model="random:tiny",
+                      guidance=4.0, num_steps=20, cache_kwargs={"threshold": 0.1, "calibration": "nope.json"})
+    with pytest.raises(MissingExport, match="calibrate_teacache.py --model_dir random:tiny .*--num_steps 20"):
+        check_available(spec)
+
+
+# --- efficiency -----------------------------------------------------------------------------------------
+def test_count_flops_of_a_linear_layer():
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    assert efficiency.count_flops(lambda: (layer(x), None)) == 2 * 4 * 16 * 8
+
+
+def test_live_tensor_bytes_tracks_the_peak_of_simultaneously_alive_tensors():
+    def run():
+        a = torch.ones(1000)  # 4000 bytes
+        b = a * 2  # +4000: peak 8000
+        del a
+        c = b + 1  # a freed first: still 8000
+        return c, None
+
+    with efficiency.CostTracker() as tracker:
+        run()
+    assert tracker.peak == 8000 and tracker.flops == 0
+
+
+def test_cost_tracker_counts_what_flop_counter_mode_counts(tiny_mmdit, tiny_video):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    text, null = tiny_text(2), tiny_text(1, seed=3)
+
+    def run():
+        velocity = ModelVelocity(tiny_mmdit, text, mode="cfg", cfg_scale=4.0, null_text=null)
+        return sample(velocity, tiny_video, time_grid(2)), velocity
+
+    with FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: efficiency._cpu_sdpa_flops}) as reference:
+        run()
+    assert efficiency.count_flops(run) == reference.get_total_flops() > 0
+
+
+def test_measure_counts_nfe_flops_and_cache(tiny_mmdit, tiny_video):
+    text, null = tiny_text(2), tiny_text(1, seed=3)
+    grid = time_grid(4)
+    spec = MethodSpec(name="fora", kind="cache", base="teacher_cfg", cache="fora", cache_kwargs={"interval": 2},
+                      model="random:tiny", cfg_scale=4.0, num_steps=4)
+    store = ModelStore(torch.device("cpu"))  # builds the seeded random tiny model of `spec`
+
+    def plain():
+        velocity = ModelVelocity(tiny_mmdit, text, mode="cfg", cfg_scale=4.0, null_text=null)
+        return sample(velocity, tiny_video, grid), velocity
+
+    eff = efficiency.measure(plain, torch.device("cpu"), resident_bytes=123, warmup=0, repeats=2)
+    assert eff.nfe_dit == eff.nfe_dit_effective == 8 and eff.nfe_predictor == 0 and eff.cache_bytes == 0
+    assert len(eff.latency_runs_s) == 2 and eff.flops > 0 and eff.peak_memory_bytes > 123
+
+    def cached():
+        velocity = make_velocity(spec, store, tiny_text(2), null)
+        return sample(velocity, tiny_video, grid), velocity
+
+    eff = efficiency.measure(cached, torch.device("cpu"), resident_bytes=0, warmup=0, repeats=1)
+    assert eff.nfe_dit == 8 and eff.nfe_dit_effective == pytest.approx(4.0) and eff.cache_bytes > 0
+
+
+def test_speedup_rejects_zero_cost():
+    assert efficiency.speedup(10.0, 2.0) == 5.0
+    with pytest.raises(ValueError):
+        efficiency.speedup(1.0, 0.0)
+
+
+def test_grid_frames_layout():
+    videos = torch.zeros(5, 3, 4, 6, 6)
+    frames = report.grid_frames(videos, scale=2, pad=1)  # 3 columns x 2 rows of 13 px cells
+    assert frames.shape == (4, 2 * 13, 3 * 13, 3) and frames.dtype.name == "uint8"

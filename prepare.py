@@ -1,0 +1,52 @@
+"""Build the sharded dataset that every stage trains on (SPEC §6).
+
+    python prepare.py --out data/digits --num_train 20000 --num_val 512 --shard_size 4096 --seed 0
+    python prepare.py --source videos --video_dir clips/ --vae path/to/vae --out data/clips --num_val 8
+
+`--source videos` reads `*.npy` clips (F, H, W, 3) uint8 plus `prompts.json` ({file name: prompt})
+from --video_dir and encodes them with the diffusers VAE saved (save_pretrained) at --vae.
+Everything runs offline.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from datamodules import moving_digits as world  # noqa: E402
+from datamodules.shards import prepare_from_videos, prepare_moving_digits  # noqa: E402
+from datamodules.text_encoder import MAX_LENGTH  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--source", choices=("moving_digits", "videos"), default="moving_digits")
+    p.add_argument("--num_train", type=int, default=20000, help="moving_digits: training videos")
+    p.add_argument("--num_val", type=int, default=512, help="validation videos")
+    p.add_argument("--shard_size", type=int, default=4096, help="samples per shard file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max_length", type=int, default=MAX_LENGTH, help="text tokens per prompt")
+    p.add_argument("--num_frames", type=int, default=world.NUM_FRAMES, help="moving_digits: frames")
+    p.add_argument("--size", type=int, default=world.FRAME_SIZE, help="moving_digits: frame size in pixels")
+    p.add_argument("--video_dir", help="videos: folder of .npy clips and prompts.json")
+    p.add_argument("--vae", help="videos: local diffusers VAE directory")
+    p.add_argument("--device", default="cpu", help="videos: device for the VAE")
+    args = p.parse_args(argv)
+
+    if args.source == "moving_digits":
+        meta = prepare_moving_digits(args.out, args.num_train, args.num_val, args.shard_size, args.seed,
+                                     args.max_length, num_frames=args.num_frames, size=args.size)
+    else:
+        if not args.video_dir or not args.vae:
+            p.error("--source videos needs --video_dir and --vae")
+        meta = prepare_from_videos(args.out, args.video_dir, args.vae, args.num_val, args.shard_size, args.seed,
+                                   args.max_length, device=args.device)
+    counts = {k: v["num_samples"] for k, v in meta["splits"].items()}
+    print(f"wrote {args.out}: latents {meta['latent_shape']}, samples {counts}")
+    return meta
+
+
+if __name__ == "__main__":
+    main()

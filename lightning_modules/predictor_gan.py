@@ -1,0 +1,188 @@
+"""Stage 3: train DisCa's learnable predictor P with an adversarial discriminator D on the frozen
+stage-2 (Restricted MeanFlow) model M (paper §3.3, Algorithm 3, Eqs. 6-8; appendix 6.1).
+
+Per batch, on ONE (x0, eps) pair:
+    t ~ time distribution, I ~ U(0, R), r = max(0, t - I)          (restricted pairs, SPEC §2)
+    Delta ~ U(0, Delta_max), (t', r') = max(0, (t - Delta, r - Delta))
+    C   = M(x_t,  t,  r,  g).hidden      no grad, detached           (the cache, Eq. 4)
+    u*  = M(x_t', t', r', g).velocity    no grad                     (the target)
+    u   = P(C, x_t', t', r', g)                                       (Eq. 5)
+    x_t'' = x_t' - (t' - r') u,  features F = M's image tokens at (t'', r'') = (r', r' - (t' - r'))
+The first `mse_warmup_steps` batches train P on Eq. 6 only (paper: 500 iterations). Afterwards each
+batch is a D step (Eq. 7, fake from u.detach(), real from u*) followed by a P step (Eq. 8: MSE +
+lam * hinge_g, gradients through the frozen M's features into u). lam = 0 is the no-GAN ablation
+(no D steps at all).
+
+Counting: with two optimizers in manual mode Lightning's `global_step` counts every `opt.step()`
+(1 per warm-up batch, 2 per GAN batch), so warm-up is counted in batches by this module's own
+counter (`batches_seen`, saved in checkpoints). The paper's 500 + 1000 iterations are
+`trainer.max_steps = 500 + 2 * 1000`.
+DDP: the D step leaves P's parameters unused and vice versa: use `trainer.strategy:
+ddp_find_unused_parameters_true` (= DDPStrategy(find_unused_parameters=True); SPEC §8).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from datamodules.latent_video import batch_text
+from lightning_modules.cfg_distill import check_guidance_range, sample_guidance
+from lightning_modules.common import finite_or_raise, freeze
+from losses.flow import expand_time, interpolate
+from losses.gan import discriminator_accuracy, hinge_d_loss, hinge_g_loss, prediction_mse, predictor_loss
+from losses.meanflow import sample_t_r
+from models.discriminator import Discriminator, dit_features
+from models.predictor import Predictor, ReusePredictor, parameter_share, save_predictor
+from models.protocol import TextCond
+
+STEP_MSE, STEP_GAN = 0, 1  # logged as train/step_kind: MSE-only batch / D step then P step
+
+
+class PredictorGANModule(L.LightningModule):
+    def __init__(self, model: nn.Module, predictor: dict | None = None, discriminator: dict | None = None,
+                 delta_max: float = 0.2, restrict: float = 0.2, guidance_min: float = 1.0, guidance_max: float = 8.0,
+                 time_distribution: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0,
+                 time_shift: float = 1.0, mse_warmup_steps: int = 500, lr_p: float = 1e-4, lr_d: float = 1e-2,
+                 lam: float = 1.0, betas_p: tuple[float, float] = (0.9, 0.999),
+                 betas_d: tuple[float, float] = (0.5, 0.999), grad_clip: float = 1.0):
+        """`model`: the frozen stage-2 model M (also the feature extractor F). `predictor`: kwargs of
+        models.predictor.Predictor (hidden_size, num_blocks, mlp_ratio, num_heads, cache_residual).
+        `discriminator`: {feature_layers: [block indices of M], scales: [1, 2], channels: 64}.
+        `restrict` R and the time distribution give (t, r) as in stage 2; g ~ U(guidance_min, guidance_max)
+        is the distilled CFG scale (ignored by a model without a guidance input)."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        check_guidance_range(guidance_min, guidance_max)
+        if not 0 < restrict <= 1:
+            raise ValueError(f"restrict R must be in (0, 1], got {restrict}")
+        if not 0 <= delta_max <= 1:
+            raise ValueError(f"delta_max must be in [0, 1], got {delta_max}")
+        if mse_warmup_steps < 0:
+            raise ValueError(f"mse_warmup_steps must be >= 0, got {mse_warmup_steps}")
+        if lam < 0:
+            raise ValueError(f"lam must be >= 0, got {lam}")
+        self.automatic_optimization = False
+        self.model = freeze(model)
+        self.predictor = Predictor(model, **(predictor or {}))
+        d_cfg = dict(discriminator or {})
+        layers = sorted(int(i) for i in d_cfg.pop("feature_layers", [model.num_blocks - 1]))
+        if not layers or layers[0] < 0 or layers[-1] >= model.num_blocks or len(set(layers)) != len(layers):
+            raise ValueError(f"discriminator feature_layers {layers} must be distinct blocks of M, in "
+                             f"[0, {model.num_blocks})")
+        self.feature_layers = layers
+        self.discriminator = Discriminator(model.hidden_size, len(layers), **d_cfg)
+        self.batches_seen = 0
+
+    def train(self, mode: bool = True) -> "PredictorGANModule":
+        super().train(mode)
+        self.model.eval()  # the frozen DiT never enters training mode
+        return self
+
+    # --- checkpointed batch counter (global_step counts optimizer steps, not batches) -------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["predictor_gan_batches_seen"] = self.batches_seen
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.batches_seen = int(checkpoint.get("predictor_gan_batches_seen", 0))
+
+    def on_fit_start(self) -> None:
+        share = parameter_share(self.predictor, self.model)
+        self.print(f"predictor: {sum(p.numel() for p in self.predictor.parameters()):,} parameters = "
+                   f"{100 * share:.2f}% of the backbone")
+
+    # --- Algorithm 3, lines 2-8 -------------------------------------------------------------------
+    @torch.no_grad()
+    def sample_pairs(self, x0: Tensor, text: TextCond, generator: torch.Generator | None = None) -> dict:
+        """Times, the shared noisy inputs, the cache and the target for one batch (all without grad)."""
+        hp = self.hparams
+        b, dev = x0.shape[0], x0.device
+        t, r = sample_t_r(b, hp.restrict, distribution=hp.time_distribution, mean=hp.time_mean, std=hp.time_std,
+                          shift=hp.time_shift, generator=generator, device=dev)  # (B,) float32
+        delta = hp.delta_max * torch.rand(b, generator=generator, device=dev)
+        tp, rp = (t - delta).clamp(min=0), (r - delta).clamp(min=0)
+        g = sample_guidance(b, hp.guidance_min, hp.guidance_max, generator=generator, device=dev)
+        eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+        x_t, x_tp = interpolate(x0, eps, t), interpolate(x0, eps, tp)  # the SAME (x0, eps) pair
+        cache = self.model.run(x_t, t, text, r, g, return_hidden=True).hidden.detach()
+        target = self.model.run(x_tp, tp, text, rp, g).velocity
+        return dict(t=t, r=r, tp=tp, rp=rp, g=g, x_tp=x_tp, cache=cache, target=target)
+
+    def predict_velocity(self, s: dict, text: TextCond, predictor: nn.Module | None = None) -> Tensor:
+        predictor = self.predictor if predictor is None else predictor
+        return predictor(self.model, s["x_tp"], s["tp"], s["rp"], text, s["cache"], s["g"])
+
+    def next_features(self, s: dict, u: Tensor, text: TextCond) -> tuple[list[Tensor], tuple[int, int, int]]:
+        """F(x_t'') with x_t'' = x_t' - (t' - r') u at (t'', r'') = (r', r' - (t' - r')) (Algorithm 3 lines 9-11)."""
+        tp, rp = s["tp"], s["rp"]
+        x_next = s["x_tp"] - expand_time(tp - rp, u) * u
+        return dit_features(self.model, x_next, rp, text, (rp - (tp - rp)).clamp(min=0), s["g"], self.feature_layers)
+
+    # --- training ---------------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> None:
+        opt_p, opt_d = self.optimizers()
+        hp = self.hparams
+        text = batch_text(batch)
+        s = self.sample_pairs(batch["latents"], text)
+        gan = hp.lam > 0 and self.batches_seen >= hp.mse_warmup_steps
+        u = self.predict_velocity(s, text)  # (B, C, F, H, W), with grad
+        logs = {"train/step_kind": float(STEP_GAN if gan else STEP_MSE)}
+
+        if gan:  # D step (Eq. 7): real = the target model's output, fake = the predictor's, detached
+            with self.toggled_optimizer(opt_d):
+                with torch.no_grad():
+                    fake_features = self.next_features(s, u.detach(), text)
+                    real_features = self.next_features(s, s["target"], text)
+                fake_logits, real_logits = self.discriminator(*fake_features), self.discriminator(*real_features)
+                loss_d = finite_or_raise("train/L_D", hinge_d_loss(real_logits, fake_logits), self.global_step)
+                opt_d.zero_grad(set_to_none=True)
+                self.manual_backward(loss_d)
+                opt_d.step()
+            logs.update({"train/L_D": loss_d.detach(), "train/d_real_logit": real_logits.detach().mean(),
+                         "train/d_fake_logit": fake_logits.detach().mean(),
+                         "train/d_accuracy": discriminator_accuracy(real_logits, fake_logits)})
+
+        # P step: Eq. 8, or Eq. 6 alone during the warm-up and with lam = 0
+        with self.toggled_optimizer(opt_p):
+            mse = prediction_mse(u, s["target"])
+            if gan:  # gradients reach u through the frozen M's features (M's weights get none)
+                g_loss = hinge_g_loss(self.discriminator(*self.next_features(s, u, text)))
+                loss_p = predictor_loss(mse, g_loss, hp.lam)
+            else:
+                loss_p = mse
+            finite_or_raise("train/L_P", loss_p, self.global_step)
+            opt_p.zero_grad(set_to_none=True)
+            self.manual_backward(loss_p)
+            if hp.grad_clip:
+                self.clip_gradients(opt_p, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
+            opt_p.step()
+        logs.update({"train/L_P": loss_p.detach(), "train/mse": mse.detach()})
+        if gan:
+            logs["train/g_loss"] = g_loss.detach()
+        self.batches_seen += 1
+        b = batch["latents"].shape[0]
+        self.log_dict(logs, batch_size=b)
+        self.log("mse", mse.detach(), prog_bar=True, logger=False, batch_size=b)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Eq. 6 on fixed draws, for the learned predictor and the training-free reuse baseline."""
+        gen = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
+        text = batch_text(batch)
+        s = self.sample_pairs(batch["latents"], text, generator=gen)
+        b = batch["latents"].shape[0]
+        self.log("val/mse", prediction_mse(self.predict_velocity(s, text), s["target"]), prog_bar=True, batch_size=b)
+        self.log("val/mse_reuse", prediction_mse(self.predict_velocity(s, text, ReusePredictor()), s["target"]),
+                 batch_size=b)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt_p = torch.optim.Adam(self.predictor.parameters(), lr=hp.lr_p, betas=tuple(hp.betas_p))
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=tuple(hp.betas_d))
+        return [opt_p, opt_d]
+
+    # --- export -----------------------------------------------------------------------------------
+    def export(self, directory: str | Path) -> Path:
+        """Predictor-only safetensors + config.json (its config and the backbone config it belongs to)."""
+        return save_predictor(self.predictor, directory)

@@ -16,6 +16,11 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 class DisCaCLI(LightningCLI):
     parse_only = False
 
+    def before_instantiate_classes(self) -> None:
+        # seed before the models are built, so that their initialisation is reproducible too
+        if not self.parse_only:
+            L.seed_everything(self.config.seed, workers=True)
+
     def instantiate_classes(self) -> None:
         if not self.parse_only:  # parse_config(): validate types and class paths, build nothing
             super().instantiate_classes()
@@ -46,7 +51,6 @@ def parse_config(args: list[str]):
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse, fit, and return the final logged metrics (so tests can call it)."""
     cli = build_cli(args)
-    L.seed_everything(cli.config.seed, workers=True)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 

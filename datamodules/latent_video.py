@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.resumable import ResumableDataLoader
 from datamodules.shards import FORMAT_VERSION, LABEL_KEYS, METADATA_FILE, prepare_moving_digits, sha256_file
 from models.protocol import TextCond
 
@@ -134,6 +135,12 @@ class EpochShuffleSampler(Sampler[int]):
     def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
         self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
         self.epoch = 0
+        self._resume: tuple[int, int] | None = None  # (epoch, samples to skip), see `resume_at`
+
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        """The next pass over `epoch` starts after its first `samples_done` indices. Applied lazily,
+        when iteration starts (Lightning creates the iterator before it calls `set_epoch`)."""
+        self._resume = (epoch, samples_done)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -142,11 +149,16 @@ class EpochShuffleSampler(Sampler[int]):
         return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
-        if not self.shuffle:
-            return iter(range(self.num_samples))
-        seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
-        gen = torch.Generator().manual_seed(seed)
-        return iter(torch.randperm(self.num_samples, generator=gen).tolist())
+        if self.shuffle:
+            seed = int(np.random.SeedSequence([self.seed, self.epoch]).generate_state(1)[0])
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
+        else:
+            order = list(range(self.num_samples))
+        skip = 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            skip = self._resume[1]
+        self._resume = None
+        return iter(order[skip:])
 
 
 def collate(items: list[dict]) -> dict:
@@ -217,11 +229,16 @@ class LatentVideoDataModule(L.LightningDataModule):
             raise ValueError(f"{self.data_dir} has no split {split!r} (has {sorted(self.datasets)})")
         return self.datasets[split]
 
+    def _batches_done(self) -> int:
+        """Batches of the current epoch the trainer has trained on (for mid-epoch resume)."""
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+
     def train_dataloader(self) -> DataLoader:
         data = self._split("train")
-        return DataLoader(data, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(data), self.seed, self.shuffle),
-                          num_workers=self.num_workers, collate_fn=collate, drop_last=self.drop_last,
-                          persistent_workers=self.num_workers > 0)
+        return ResumableDataLoader(data, batch_size=self.batch_size,
+                                   sampler=EpochShuffleSampler(len(data), self.seed, self.shuffle),
+                                   num_workers=self.num_workers, collate_fn=collate, drop_last=self.drop_last,
+                                   persistent_workers=self.num_workers > 0, progress=self._batches_done)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self._split("val"), batch_size=self.val_batch_size, shuffle=False,

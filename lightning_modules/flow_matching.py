@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import drop_prompts, ema_update, finite_or_raise, warmup_cosine
+from lightning_modules.common import (drop_prompts, ema_decay_at, ema_update, finite_or_raise, step_generator,
+                                      warmup_cosine)
 from losses.flow import flow_matching_loss, interpolate, sample_time
 from models.io import save_backbone
 from models.protocol import TextCond
@@ -24,7 +25,8 @@ class FlowMatchingModule(L.LightningModule):
     def __init__(self, backbone: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 200, decay_steps: int | None = None,
                  ema_decay: float = 0.999, prompt_dropout: float = 0.1, time_distribution: str = "logit_normal",
-                 time_shift: float = 1.0, grad_clip: float = 1.0):
+                 time_shift: float = 1.0, grad_clip: float = 1.0, seed: int = 0):
+        """`seed` seeds the per-step noise generator (see `step_generator`)."""
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         self.backbone = backbone
@@ -47,7 +49,8 @@ class FlowMatchingModule(L.LightningModule):
 
     # --- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss = finite_or_raise("train/loss", self._loss(self.backbone, batch, dropout=self.hparams.prompt_dropout),
+        gen = step_generator(self.hparams.seed, self.global_step, self.device)
+        loss = finite_or_raise("train/loss", self._loss(self.backbone, batch, gen, self.hparams.prompt_dropout),
                                self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
         return loss
@@ -58,7 +61,7 @@ class FlowMatchingModule(L.LightningModule):
             self.log("train/grad_norm", norm)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.backbone, self.hparams.ema_decay)
+        ema_update(self.ema, self.backbone, ema_decay_at(self.global_step, self.hparams.ema_decay))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # fixed noise and times per batch so the curve is comparable across evaluations

@@ -56,6 +56,7 @@ def build_backbone(config: dict) -> nn.Module:
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; exports are meant to be shared
     try:
         write(tmp)
         os.replace(tmp, path)

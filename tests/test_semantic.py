@@ -11,7 +11,7 @@ from evaluation.semantic import (CONFIG_FILE, NO_PREDICTION, SemanticScorer, cen
                                  load_digit_classifier, noise_floor, predict_color, predict_direction, to_intensity,
                                  train_digit_classifier)
 
-QUICK = dict(steps=150, batch_size=64, width=8)  # ~1/20 of the default's compute: enough to separate truth from noise
+QUICK = dict(steps=250, batch_size=64)  # 1/5 of the default compute; ground-truth digit accuracy ~0.83
 
 
 @pytest.fixture(scope="module")

@@ -11,21 +11,36 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+
+
+def resumable_sampler(sampler: Sampler) -> tuple[Sampler, int]:
+    """The sampler that implements `resume_at`, and how many ranks share its index list. Under DDP
+    Lightning wraps ours in a DistributedSamplerWrapper (ours sits at `.dataset._sampler`); each rank
+    then takes every world_size-th index of our order, so a skip of k batches per rank is
+    k * batch_size * world_size indices of ours."""
+    if hasattr(sampler, "resume_at"):
+        return sampler, 1
+    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
+    if inner is not None and hasattr(inner, "resume_at"):
+        return inner, getattr(sampler, "num_replicas", dist.get_world_size() if dist.is_initialized() else 1)
+    raise TypeError(f"ResumableDataLoader needs a sampler with resume_at(epoch, samples_done), "
+                    f"got {type(sampler).__name__}")
 
 
 class ResumableDataLoader(DataLoader):
     def __init__(self, *args, progress: Callable[[], int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        if not hasattr(self.sampler, "resume_at"):
-            raise TypeError(f"ResumableDataLoader needs a sampler with resume_at(epoch, samples_done), "
-                            f"got {type(self.sampler).__name__}")
+        resumable_sampler(self.sampler)  # fail at construction, not at resume time
         self.progress = progress  # () -> batches of the current epoch already trained on
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": getattr(self.sampler, "epoch", 0), "batches_done": int(self.progress()) if self.progress else 0}
+        sampler, _ = resumable_sampler(self.sampler)
+        return {"epoch": getattr(sampler, "epoch", 0), "batches_done": int(self.progress()) if self.progress else 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not {"epoch", "batches_done"} <= set(state):
             raise ValueError(f"dataloader state {state} lacks 'epoch'/'batches_done'")
-        self.sampler.resume_at(state["epoch"], state["batches_done"] * self.batch_size)
+        sampler, replicas = resumable_sampler(self.sampler)
+        sampler.resume_at(state["epoch"], state["batches_done"] * self.batch_size * replicas)

@@ -135,12 +135,6 @@ class EpochShuffleSampler(Sampler[int]):
     def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
         self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
         self.epoch = 0
-        self._resume: tuple[int, int] | None = None  # (epoch, samples to skip), see `resume_at`
-
-    def resume_at(self, epoch: int, samples_done: int) -> None:
-        """The next pass over `epoch` starts after its first `samples_done` indices. Applied lazily,
-        when iteration starts (Lightning creates the iterator before it calls `set_epoch`)."""
-        self._resume = (epoch, samples_done)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -154,11 +148,7 @@ class EpochShuffleSampler(Sampler[int]):
             order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
         else:
             order = list(range(self.num_samples))
-        skip = 0
-        if self._resume is not None and self._resume[0] == self.epoch:
-            skip = self._resume[1]
-        self._resume = None
-        return iter(order[skip:])
+        return iter(order)
 
 
 def collate(items: list[dict]) -> dict:

@@ -4,43 +4,44 @@ Lightning saves `state_dict()` of every training loader that implements it and c
 `load_state_dict()` on resume (lightning/pytorch/loops/fit_loop.py). The state is the sampler's
 epoch and how many batches of that epoch the trainer has *processed*, read from the trainer's own
 progress counter rather than counted here: Lightning prefetches one batch ahead, so the number of
-batches this loader has yielded is one more than the number trained on. The skip itself is done by
-the sampler (`resume_at`), lazily, because Lightning builds the iterator before calling `set_epoch`.
+batches this loader has yielded is one more than the number trained on.
+
+On resume the first `batches_done` batches of that epoch are drawn and dropped. The skip is lazy
+(it runs at the first `next()`): Lightning creates the iterator before it calls `set_epoch`, and only
+then is the sampler's order for the resumed epoch known. Working on batches rather than sampler
+indices keeps it correct under DDP, where Lightning wraps the sampler in a DistributedSampler.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
-
-
-def resumable_sampler(sampler: Sampler) -> tuple[Sampler, int]:
-    """The sampler that implements `resume_at`, and how many ranks share its index list. Under DDP
-    Lightning wraps ours in a DistributedSamplerWrapper (ours sits at `.dataset._sampler`); each rank
-    then takes every world_size-th index of our order, so a skip of k batches per rank is
-    k * batch_size * world_size indices of ours."""
-    if hasattr(sampler, "resume_at"):
-        return sampler, 1
-    inner = getattr(getattr(sampler, "dataset", None), "_sampler", None)
-    if inner is not None and hasattr(inner, "resume_at"):
-        return inner, getattr(sampler, "num_replicas", dist.get_world_size() if dist.is_initialized() else 1)
-    raise TypeError(f"ResumableDataLoader needs a sampler with resume_at(epoch, samples_done), "
-                    f"got {type(sampler).__name__}")
+from torch.utils.data import DataLoader
 
 
 class ResumableDataLoader(DataLoader):
     def __init__(self, *args, progress: Callable[[], int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        resumable_sampler(self.sampler)  # fail at construction, not at resume time
         self.progress = progress  # () -> batches of the current epoch already trained on
+        self._resume: dict[str, int] | None = None
+
+    @property
+    def epoch(self) -> int:
+        return getattr(self.sampler, "epoch", 0)
 
     def state_dict(self) -> dict[str, Any]:
-        sampler, _ = resumable_sampler(self.sampler)
-        return {"epoch": getattr(sampler, "epoch", 0), "batches_done": int(self.progress()) if self.progress else 0}
+        return {"epoch": self.epoch, "batches_done": int(self.progress()) if self.progress else 0}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not {"epoch", "batches_done"} <= set(state):
             raise ValueError(f"dataloader state {state} lacks 'epoch'/'batches_done'")
-        sampler, replicas = resumable_sampler(self.sampler)
-        sampler.resume_at(state["epoch"], state["batches_done"] * self.batch_size * replicas)
+        self._resume = {"epoch": int(state["epoch"]), "batches_done": int(state["batches_done"])}
+
+    def __iter__(self) -> Iterator:
+        return self._skip_then_yield(super().__iter__())
+
+    def _skip_then_yield(self, batches: Iterator) -> Iterator:
+        resume, self._resume = self._resume, None
+        if resume is not None and resume["epoch"] == self.epoch:
+            for _ in range(resume["batches_done"]):
+                next(batches)
+        yield from batches

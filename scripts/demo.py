@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> Path:
             overrides += ["--model.init_args.teacher.init_args.directory", str(teacher)]
         stage(s.name, [py, "train.py", "--config", s.config, *overrides,
                        *_resume(f"{cfg.output_root}/{s.name}")])
-    # 4. evaluation (always rerun: it is the report)
+    # 4. TeaCache calibration for the cache baselines
+    stage("teacache_calibration", [py, "calibrate_teacache.py", *cfg.teacache])
+    # 5. evaluation (always rerun: it is the report)
     out = Path(cfg.evaluate.output_dir)
     ev = [py, "evaluate.py", "--config", cfg.evaluate.config, "--output_dir", str(out), *cfg.evaluate.overrides]
     if args.device == "cuda":

@@ -25,9 +25,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py --device $(DEVICE)
 
-# Retrain the shipped default teacher (hours on a 2-core CPU; see README "Default teacher").
+# Retrain (or continue training) the shipped default teacher; see README "The default world and teacher".
+TEACHER_CKPT := outputs/teacher/checkpoints/last.ckpt
+ACCEL := $(if $(filter cuda,$(DEVICE)),gpu,cpu)
 teacher: $(STAMP)
-	$(PY) scripts/train_teacher.py --device $(DEVICE)
+	test -f data/digits/metadata.json || $(PY) prepare.py --out data/digits
+	$(PY) train.py --config configs/teacher_pretrain.yaml --trainer.accelerator $(ACCEL) \
+		$$(test -f $(TEACHER_CKPT) && echo --ckpt_path $(TEACHER_CKPT))
+	mkdir -p assets/teacher
+	cp outputs/teacher/export/model.safetensors outputs/teacher/export/config.json assets/teacher/
+	cp outputs/teacher/csv/metrics.csv assets/teacher/training_log.csv
 
 smoke: $(STAMP)
 	$(PY) train.py --config configs/smoke/teacher_pretrain.yaml

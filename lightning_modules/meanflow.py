@@ -1,0 +1,165 @@
+"""Stage 2: Restricted MeanFlow distillation (DisCa Algorithm 2, §3.2; MeanFlow, Geng et al. 2025).
+
+The student is the stage-1 model plus a second time input r (`enable_r_embedding`), so at r = t it
+starts equal to the stage-1 model. Per step:
+
+    t, r = sample_t_r(R)                       (I ~ U(0, R), r = max(0, t - I); R = 1 is MeanFlow)
+    g ~ U(g_min, g_max),  x_t = (1 - t) x0 + t eps
+    v     = M*(x_t, t, g)                      (frozen stage-1 model, no grad)
+    du/dt = jvp(u_theta, (x_t, r, t), (v, 0, 1))   (no grad, math attention)
+    loss  = w || u_theta(x_t, r, t, g) - sg(v - (t - r) du/dt) ||^2
+
+The JVP runs without autograd and the student then runs a normal forward with grad: the same peak
+memory as forward+backward, and it works with activation checkpointing and FSDP2 (SPEC §4).
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from datamodules.latent_video import batch_text
+from lightning_modules.cfg_distill import (check_guidance_range, full_value, fully_shard_backbone,
+                                           sample_guidance)
+from lightning_modules.common import ema_update, finite_or_raise, freeze, warmup_cosine
+from losses.flow import interpolate
+from losses.meanflow import integrate_mean_velocity, meanflow_dudt, meanflow_loss, meanflow_target, sample_t_r
+from models.io import save_backbone
+from models.layers import ATTENTION_BACKENDS, attention_backend
+
+
+def check_finite(step: int, **terms: Tensor) -> None:
+    """One host sync for all terms; on failure name the first non-finite one and the step."""
+    if not bool(torch.stack([torch.isfinite(v).all() for v in terms.values()]).all()):
+        for name, value in terms.items():
+            finite_or_raise(name, value, step)
+
+
+class RestrictedMeanFlowModule(L.LightningModule):
+    def __init__(self, teacher: nn.Module, student: nn.Module | None = None, r_embed: str = "average",
+                 restrict: float = 0.2, equal_fraction: float = 0.0, time_distribution: str = "uniform",
+                 time_mean: float = 0.0, time_std: float = 1.0, time_shift: float = 1.0,
+                 guidance_min: float = 1.0, guidance_max: float = 8.0, adaptive_power: float = 0.0,
+                 adaptive_eps: float = 1e-3, jvp_attention: str = "math", val_integration_steps: int = 8,
+                 lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.99),
+                 warmup_steps: int = 100, decay_steps: int | None = None, ema_decay: float = 0.999,
+                 grad_clip: float = 1.0):
+        """`teacher`: the frozen stage-1 (guidance-distilled) model, which gives v. `student`: defaults
+        to a copy of the teacher with `enable_r_embedding(r_embed)` ('average' | 'sum' | 'interval').
+        `restrict` is R; `equal_fraction` the share of r = t samples; `adaptive_power` p of the
+        adaptive loss weight (0 = plain MSE); `val_integration_steps` Euler steps of the reference
+        mean velocity used by validation."""
+        super().__init__()
+        check_guidance_range(guidance_min, guidance_max)
+        if not 0.0 < restrict <= 1.0:
+            raise ValueError(f"restrict factor R must be in (0, 1] (R = 1 is the original MeanFlow), got {restrict}")
+        if not 0.0 <= equal_fraction <= 1.0:
+            raise ValueError(f"equal_fraction (share of r = t samples) must be in [0, 1], got {equal_fraction}")
+        if jvp_attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"jvp_attention {jvp_attention!r} not in {ATTENTION_BACKENDS}")
+        if adaptive_power < 0:
+            raise ValueError(f"adaptive_power must be >= 0, got {adaptive_power}")
+        if val_integration_steps < 1:
+            raise ValueError(f"val_integration_steps must be >= 1, got {val_integration_steps}")
+        teacher_cfg = getattr(teacher, "config", {})
+        if isinstance(teacher_cfg, dict) and teacher_cfg.get("guidance_embed") is False:
+            raise ValueError("the stage-2 teacher must be the stage-1 (guidance-distilled) model: its config has "
+                             "guidance_embed=False; run stage 1 (CFGDistillModule) first and load its export")
+        self.save_hyperparameters(ignore=["teacher", "student"])
+        self.teacher = freeze(teacher)
+        if student is None:
+            student = copy.deepcopy(teacher).requires_grad_(True).train()
+            student.enable_r_embedding(r_embed)
+        self.student = student
+        self.ema = copy.deepcopy(student).requires_grad_(False)
+
+    # --- sharding (ModelParallelStrategy only) -----------------------------------------------------
+    def configure_model(self) -> None:
+        if self.device_mesh is None:  # any other strategy: nothing to do
+            return
+        mesh = self.device_mesh["data_parallel"]
+        for module in (self.teacher, self.student, self.ema):
+            fully_shard_backbone(module, mesh)
+
+    # --- the loss (Algorithm 2) --------------------------------------------------------------------
+    def sample_inputs(self, batch: dict, generator: torch.Generator | None = None,
+                      equal_fraction: float | None = None) -> dict[str, Tensor]:
+        """x_t, t, r, g for a batch (all times and the guidance float32 (B,))."""
+        hp, x0 = self.hparams, batch["latents"]
+        b, device = x0.shape[0], x0.device
+        t, r = sample_t_r(b, hp.restrict, distribution=hp.time_distribution, mean=hp.time_mean, std=hp.time_std,
+                          shift=hp.time_shift, generator=generator, device=device,
+                          equal_fraction=hp.equal_fraction if equal_fraction is None else equal_fraction)
+        g = sample_guidance(b, hp.guidance_min, hp.guidance_max, generator, device)
+        eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+        return {"x_t": interpolate(x0, eps, t), "t": t, "r": r, "g": g}
+
+    def loss_terms(self, batch: dict, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        s, text, student = self.sample_inputs(batch, generator), batch_text(batch), self.student
+        x_t, t, r, g = s["x_t"], s["t"], s["r"], s["g"]
+
+        def u_fn(x: Tensor, r_: Tensor, t_: Tensor) -> Tensor:
+            return student.run(x, t_, text, r=r_, guidance=g).velocity
+
+        with torch.no_grad():
+            v = self.teacher.run(x_t, t, text, guidance=g).velocity
+            with attention_backend(student, self.hparams.jvp_attention):
+                _, dudt = meanflow_dudt(u_fn, x_t, r, t, v)
+            u_tgt = meanflow_target(v, dudt, t, r)
+        u = u_fn(x_t, r, t)  # the only pass with autograd
+        loss, mse = meanflow_loss(u, u_tgt, self.hparams.adaptive_power, self.hparams.adaptive_eps)
+        return {"loss": loss, "mse": mse, "v": v, "dudt": dudt, "u_tgt": u_tgt, "interval": t - r}
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        terms = self.loss_terms(batch)
+        check_finite(self.global_step, **{k: terms[k] for k in ("v", "dudt", "u_tgt", "loss")})
+        b = batch["latents"].shape[0]
+        self.log("train/loss", terms["loss"], prog_bar=True, batch_size=b)
+        self.log("train/mse", terms["mse"], batch_size=b)
+        self.log("train/dudt_abs", terms["dudt"].abs().mean(), batch_size=b)
+        self.log("train/interval", terms["interval"].mean(), batch_size=b)
+        return terms["loss"]
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Error of the EMA student's one-step mean velocity against the stage-1 model integrated over
+        [r, t] (no JVP, so it runs under inference mode); `val/v_as_u_error` is the same error for the
+        stage-1 velocity used as one Euler step, the baseline the student must beat."""
+        gen = torch.Generator(device=self.device).manual_seed(1234 + batch_idx)
+        s, text = self.sample_inputs(batch, gen, equal_fraction=0.0), batch_text(batch)
+        x_t, t, r, g = s["x_t"], s["t"], s["r"], s["g"]
+
+        def v_fn(x: Tensor, tau: Tensor) -> Tensor:
+            return self.teacher.run(x, tau, text, guidance=g).velocity
+
+        u_ref = integrate_mean_velocity(v_fn, x_t, t, r, self.hparams.val_integration_steps)
+        u = self.ema.run(x_t, t, text, r=r, guidance=g).velocity
+        b = x_t.shape[0]
+        self.log("val/u_error", F.mse_loss(u.float(), u_ref.float()), prog_bar=True, batch_size=b)
+        self.log("val/v_as_u_error", F.mse_loss(v_fn(x_t, t).float(), u_ref.float()), batch_size=b)
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.hparams.grad_clip:
+            norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.hparams.grad_clip)
+            self.log("train/grad_norm", full_value(norm))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        ema_update(self.ema, self.student, self.hparams.ema_decay)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.student.parameters(), lr=hp.lr, betas=tuple(hp.betas),
+                                weight_decay=hp.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, hp.warmup_steps, hp.decay_steps))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- export ------------------------------------------------------------------------------------
+    def sampling_model(self) -> nn.Module:
+        """The EMA student; sample with `ModelVelocity(model, text, mode='meanflow', guidance=g)`."""
+        return self.ema
+
+    def export(self, directory: str | Path) -> Path:
+        return save_backbone(self.ema, directory)

@@ -1,0 +1,99 @@
+"""Mean-velocity (MeanFlow) quantities for stage 2, Restricted MeanFlow (SPEC §2, §4).
+
+Mean velocity on [r, t] (MeanFlow, Geng et al. 2025, Eq. 3; DisCa §3.1):
+
+    u(x_t, r, t) = 1 / (t - r) * integral_r^t v(x_tau, tau) dtau,     one step: x_r = x_t - (t - r) u.
+
+Differentiating (t - r) u = integral_r^t v in t gives the MeanFlow identity (Geng et al. 2025, Eq. 6)
+
+    u = v - (t - r) du/dt,     du/dt = v d_x u + d_t u     (total derivative, Eq. 8),
+
+i.e. the JVP of u_theta at (x_t, r, t) along the tangent (v, 0, 1). Training regresses u_theta onto
+the stop-gradient of the right-hand side (Geng et al. 2025, Eqs. 9-10; DisCa Eq. 2, Algorithm 2).
+DisCa's Restricted MeanFlow samples the interval I = t - r in [0, R] only (DisCa Eq. 3).
+
+Times t, r are float32 (B,) throughout; tensors are (B, ...) with any trailing shape.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from losses.flow import expand_time, sample_time
+
+
+def sample_t_r(batch: int, restrict: float, *, distribution: str = "uniform", mean: float = 0.0, std: float = 1.0,
+               shift: float = 1.0, equal_fraction: float = 0.0, generator: torch.Generator | None = None,
+               device=None) -> tuple[Tensor, Tensor]:
+    """Restricted MeanFlow time pairs (DisCa Algorithm 2, line 2): t from `sample_time`,
+    I ~ U(0, R), r = max(0, t - I); then exactly round(equal_fraction * batch) random samples get r = t
+    (MeanFlow trains a share of r = t pairs, which is plain velocity matching). R = 1 is MeanFlow."""
+    if not 0.0 < restrict <= 1.0:
+        raise ValueError(f"restrict factor R must be in (0, 1], got {restrict}")
+    if not 0.0 <= equal_fraction <= 1.0:
+        raise ValueError(f"equal_fraction (share of r = t samples) must be in [0, 1], got {equal_fraction}")
+    t = sample_time(batch, distribution, mean=mean, std=std, shift=shift, generator=generator, device=device)
+    interval = restrict * torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
+    r = (t - interval).clamp_min(0.0)
+    n_equal = round(equal_fraction * batch)
+    if n_equal:
+        idx = torch.randperm(batch, generator=generator, device=device)[:n_equal]
+        r[idx] = t[idx]
+    return t, r  # (B,), (B,) float32, 0 <= r <= t, t - r <= R
+
+
+def meanflow_dudt(u_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, r: Tensor, t: Tensor,
+                  v: Tensor) -> tuple[Tensor, Tensor]:
+    """(u, du/dt) with du/dt = v d_x u + d_t u: the JVP of u_fn(x, r, t) along the tangent (v, 0, 1)
+    (MeanFlow Eq. 8). `u_fn` must be a plain function of its tensors (pass the unwrapped module, not a
+    DDP/FSDP wrapper). Call under `torch.no_grad()` when only du/dt is needed: the target is
+    stop-gradient anyway, and the no-grad JVP costs no more memory than a forward."""
+    if t.dtype != torch.float32 or r.dtype != torch.float32:
+        raise ValueError(f"t and r must be float32 (SPEC §2), got {t.dtype} and {r.dtype}")
+    return torch.func.jvp(lambda x_, t_: u_fn(x_, r, t_), (x, t), (v.to(x.dtype), torch.ones_like(t)))
+
+
+def meanflow_target(v: Tensor, dudt: Tensor, t: Tensor, r: Tensor) -> Tensor:
+    """u_tgt = v - (t - r) du/dt (MeanFlow, Geng et al. 2025, Eq. 10; DisCa Eq. 2, Algorithm 2 line 6).
+
+    `v` is the instantaneous velocity at (x_t, t) (in DisCa stage 2: the frozen stage-1 model's
+    output); `dudt` from `meanflow_dudt`. Callers detach the result (the target is stop-gradient)."""
+    return v - expand_time(t - r, v) * dudt
+
+
+def adaptive_weight(err_sq: Tensor, power: float, eps: float = 1e-3) -> Tensor:
+    """w = 1 / (err_sq + eps)^p, detached: MeanFlow's adaptive loss weighting (Geng et al. 2025, after
+    Song & Dhariwal's pseudo-Huber loss; they used p in 0.5..1, eps 1e-3). p = 0.5 behaves like a
+    pseudo-Huber loss, p = 1 normalises each sample's loss to ~1; p = 0 gives w = 1."""
+    if power < 0:
+        raise ValueError(f"adaptive weight power p must be >= 0, got {power}")
+    if eps <= 0:
+        raise ValueError(f"adaptive weight eps must be > 0, got {eps}")
+    return (err_sq.detach() + eps).pow(-power)
+
+
+def meanflow_loss(u: Tensor, u_tgt: Tensor, power: float = 0.0, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
+    """|| u_theta - sg(u_tgt) ||^2 (MeanFlow Eq. 9; DisCa Eq. 2), per sample the mean over elements,
+    weighted by `adaptive_weight` (p = power). Returns (weighted loss, unweighted mse), both scalars."""
+    err_sq = (u.float() - u_tgt.detach().float()).pow(2).flatten(1).mean(1)  # (B,)
+    weighted = adaptive_weight(err_sq, power, eps) * err_sq if power else err_sq
+    return weighted.mean(), err_sq.mean()
+
+
+def integrate_mean_velocity(v_fn: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor, r: Tensor,
+                            num_steps: int) -> Tensor:
+    """Reference mean velocity by Euler integration of v_fn(x, tau) from t down to r in `num_steps`
+    equal steps: u = (x_t - x_r) / (t - r) = the average of the step velocities (exact limit as
+    num_steps grows; at r = t it is v(x_t, t)). Used for validation, never as a training target."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    dt = (t - r) / num_steps  # (B,) float32
+    x, tau, total = x_t, t, torch.zeros_like(x_t)
+    for _ in range(num_steps):
+        v = v_fn(x, tau)
+        total = total + v
+        x = x - expand_time(dt, x) * v
+        tau = tau - dt
+    return total / num_steps

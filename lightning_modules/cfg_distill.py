@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import ema_update, finite_or_raise, freeze, warmup_cosine
+from lightning_modules.common import adamw_warmup_cosine, ema_decay_at, ema_update, finite_or_raise, freeze
 from losses.flow import cfg_combine, interpolate, sample_time
-from models.io import save_backbone
+from models.io import build_backbone, save_backbone
 from models.protocol import TextCond
 
 
@@ -57,6 +57,20 @@ def fully_shard_backbone(module: nn.Module, mesh) -> nn.Module:
 def full_value(x: Tensor) -> Tensor:
     """A DTensor's full value (e.g. a grad norm under FSDP2), a plain tensor unchanged."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x
+
+
+def export_backbone(module: nn.Module, directory: str | Path, write: bool = True) -> Path:
+    """`save_backbone`, also for an FSDP2-sharded backbone: its parameters are gathered into a fresh
+    unsharded copy first. Gathering is collective, so with sharding every rank must call this; only
+    ranks with `write=True` write files."""
+    if not any(hasattr(p, "full_tensor") for p in module.parameters()):
+        return save_backbone(module, directory) if write else Path(directory)
+    state = {k: full_value(v).detach().cpu() for k, v in module.state_dict().items()}
+    if not write:
+        return Path(directory)
+    plain = build_backbone(module.config)
+    plain.load_state_dict(state)
+    return save_backbone(plain, directory)
 
 
 class CFGDistillModule(L.LightningModule):
@@ -128,14 +142,12 @@ class CFGDistillModule(L.LightningModule):
             self.log("train/grad_norm", full_value(norm))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.student, self.hparams.ema_decay)
+        ema_update(self.ema, self.student, ema_decay_at(self.global_step, self.hparams.ema_decay))
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.student.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                weight_decay=hp.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, hp.warmup_steps, hp.decay_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self.student.parameters(), hp.lr, hp.betas, hp.weight_decay, hp.warmup_steps,
+                                   hp.decay_steps)
 
     # --- export ------------------------------------------------------------------------------------
     def sampling_model(self) -> nn.Module:
@@ -143,4 +155,5 @@ class CFGDistillModule(L.LightningModule):
         return self.ema
 
     def export(self, directory: str | Path) -> Path:
-        return save_backbone(self.ema, directory)
+        """Write the EMA student (safetensors + config.json). Sharded (FSDP2): call on every rank."""
+        return export_backbone(self.ema, directory, write=self.global_rank == 0)

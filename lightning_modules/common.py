@@ -54,6 +54,15 @@ def warmup_cosine(step: int, warmup: int, total: int | None, min_ratio: float = 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def adamw_warmup_cosine(params, lr: float, betas, weight_decay: float, warmup_steps: int,
+                        decay_steps: int | None) -> dict:
+    """AdamW with a per-step linear warm-up then cosine schedule, as Lightning's
+    `configure_optimizers` return value (every stage with one optimizer uses it)."""
+    opt = torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, warmup_steps, decay_steps))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def freeze(module: nn.Module) -> nn.Module:
     module.requires_grad_(False)
     return module.eval()

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import (drop_prompts, ema_decay_at, ema_update, finite_or_raise, step_generator,
-                                      warmup_cosine)
+from lightning_modules.common import (adamw_warmup_cosine, drop_prompts, ema_decay_at, ema_update, finite_or_raise,
+                                      step_generator)
 from losses.flow import flow_matching_loss, interpolate, sample_time
 from models.io import save_backbone
 from models.protocol import TextCond
@@ -70,11 +70,9 @@ class FlowMatchingModule(L.LightningModule):
                  batch_size=batch["latents"].shape[0])
 
     def configure_optimizers(self):
-        opt = torch.optim.AdamW(self.backbone.parameters(), lr=self.hparams.lr, betas=tuple(self.hparams.betas),
-                                weight_decay=self.hparams.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, self.hparams.warmup_steps, self.hparams.decay_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        hp = self.hparams
+        return adamw_warmup_cosine(self.backbone.parameters(), hp.lr, hp.betas, hp.weight_decay, hp.warmup_steps,
+                                   hp.decay_steps)
 
     # --- export -----------------------------------------------------------------------------------
     def sampling_model(self) -> nn.Module:

@@ -23,12 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.cfg_distill import (check_guidance_range, full_value, fully_shard_backbone,
-                                           sample_guidance)
-from lightning_modules.common import ema_update, finite_or_raise, freeze, warmup_cosine
+from lightning_modules.cfg_distill import (check_guidance_range, export_backbone, full_value,
+                                           fully_shard_backbone, sample_guidance)
+from lightning_modules.common import adamw_warmup_cosine, ema_decay_at, ema_update, finite_or_raise, freeze
 from losses.flow import interpolate
 from losses.meanflow import integrate_mean_velocity, meanflow_dudt, meanflow_loss, meanflow_target, sample_t_r
-from models.io import save_backbone
 from models.layers import ATTENTION_BACKENDS, attention_backend
 
 
@@ -147,14 +146,12 @@ class RestrictedMeanFlowModule(L.LightningModule):
             self.log("train/grad_norm", full_value(norm))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.student, self.hparams.ema_decay)
+        ema_update(self.ema, self.student, ema_decay_at(self.global_step, self.hparams.ema_decay))
 
     def configure_optimizers(self):
         hp = self.hparams
-        opt = torch.optim.AdamW(self.student.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                weight_decay=hp.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, hp.warmup_steps, hp.decay_steps))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_warmup_cosine(self.student.parameters(), hp.lr, hp.betas, hp.weight_decay, hp.warmup_steps,
+                                   hp.decay_steps)
 
     # --- export ------------------------------------------------------------------------------------
     def sampling_model(self) -> nn.Module:
@@ -162,4 +159,5 @@ class RestrictedMeanFlowModule(L.LightningModule):
         return self.ema
 
     def export(self, directory: str | Path) -> Path:
-        return save_backbone(self.ema, directory)
+        """Write the EMA student (safetensors + config.json). Sharded (FSDP2): call on every rank."""
+        return export_backbone(self.ema, directory, write=self.global_rank == 0)

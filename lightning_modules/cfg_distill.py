@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import adamw_warmup_cosine, ema_decay_at, ema_update, finite_or_raise, freeze
+from lightning_modules.common import (adamw_warmup_cosine, ema_decay_at, ema_update, finite_or_raise, freeze,
+                                     step_generator)
 from losses.flow import cfg_combine, interpolate, sample_time
 from models.io import build_backbone, save_backbone
 from models.protocol import TextCond
@@ -31,6 +32,17 @@ def sample_guidance(batch: int, g_min: float, g_max: float, generator: torch.Gen
                     device=None) -> Tensor:
     """g ~ U(g_min, g_max), float32 (B,) (DisCa Algorithm 1 line 2; the paper uses 1..8)."""
     return g_min + (g_max - g_min) * torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
+
+
+def shard_generator(module: L.LightningModule, seed: int, batch_idx: int) -> torch.Generator:
+    """The generator for one training micro-batch, keyed by (seed, optimizer step, slice of the global
+    batch = rank * accumulation + micro-batch): a run resumed at step k redraws step k's noise, times
+    and guidance, and 2 ranks draw what 1 process accumulating 2 micro-batches draws."""
+    trainer = module.trainer
+    acc = trainer.accumulate_grad_batches
+    shards = trainer.world_size * acc
+    index = trainer.global_step * shards + trainer.global_rank * acc + batch_idx % acc
+    return step_generator(seed, index, module.device)
 
 
 def check_guidance_range(g_min: float, g_max: float) -> None:
@@ -78,9 +90,10 @@ class CFGDistillModule(L.LightningModule):
                  guidance_max: float = 8.0, lr: float = 1e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 100, decay_steps: int | None = None,
                  ema_decay: float = 0.999, time_distribution: str = "uniform", time_shift: float = 1.0,
-                 grad_clip: float = 1.0):
+                 grad_clip: float = 1.0, seed: int = 0):
         """`teacher`: the frozen CFG model (stage-0 export). `student`: defaults to a copy of the
-        teacher with `enable_guidance_embedding()`, so it starts equal to the teacher's conditional output."""
+        teacher with `enable_guidance_embedding()`, so it starts equal to the teacher's conditional output.
+        `seed` keys the per-step draws (`shard_generator`)."""
         super().__init__()
         check_guidance_range(guidance_min, guidance_max)
         self.save_hyperparameters(ignore=["teacher", "student"])
@@ -125,7 +138,8 @@ class CFGDistillModule(L.LightningModule):
         return {"loss": F.mse_loss(pred.float(), target.float()), "target": target}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        terms = self.loss_terms(self.student, batch, self.null_text)
+        gen = shard_generator(self, self.hparams.seed, batch_idx)
+        terms = self.loss_terms(self.student, batch, self.null_text, gen)
         finite_or_raise("target", terms["target"], self.global_step)
         loss = finite_or_raise("loss", terms["loss"], self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])

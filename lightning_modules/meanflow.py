@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
 from lightning_modules.cfg_distill import (check_guidance_range, export_backbone, full_value,
-                                           fully_shard_backbone, sample_guidance)
+                                           fully_shard_backbone, sample_guidance, shard_generator)
 from lightning_modules.common import adamw_warmup_cosine, ema_decay_at, ema_update, finite_or_raise, freeze
 from losses.flow import interpolate
 from losses.meanflow import integrate_mean_velocity, meanflow_dudt, meanflow_loss, meanflow_target, sample_t_r
@@ -46,12 +46,12 @@ class RestrictedMeanFlowModule(L.LightningModule):
                  adaptive_eps: float = 1e-3, jvp_attention: str = "math", val_integration_steps: int = 8,
                  lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.99),
                  warmup_steps: int = 100, decay_steps: int | None = None, ema_decay: float = 0.999,
-                 grad_clip: float = 1.0):
+                 grad_clip: float = 1.0, seed: int = 0):
         """`teacher`: the frozen stage-1 (guidance-distilled) model, which gives v. `student`: defaults
         to a copy of the teacher with `enable_r_embedding(r_embed)` ('average' | 'sum' | 'interval').
         `restrict` is R; `equal_fraction` the share of r = t samples; `adaptive_power` p of the
         adaptive loss weight (0 = plain MSE); `val_integration_steps` Euler steps of the reference
-        mean velocity used by validation."""
+        mean velocity used by validation; `seed` keys the per-step draws (`shard_generator`)."""
         super().__init__()
         check_guidance_range(guidance_min, guidance_max)
         if not 0.0 < restrict <= 1.0:
@@ -114,7 +114,7 @@ class RestrictedMeanFlowModule(L.LightningModule):
         return {"loss": loss, "mse": mse, "v": v, "dudt": dudt, "u_tgt": u_tgt, "interval": t - r}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        terms = self.loss_terms(batch)
+        terms = self.loss_terms(batch, shard_generator(self, self.hparams.seed, batch_idx))
         check_finite(self.global_step, **{k: terms[k] for k in ("v", "dudt", "u_tgt", "loss")})
         b = batch["latents"].shape[0]
         self.log("train/loss", terms["loss"], prog_bar=True, batch_size=b)

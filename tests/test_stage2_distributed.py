@@ -1,10 +1,10 @@
 """One stage-2 step with FSDP2 (Lightning's ModelParallelStrategy, `fully_shard` in `configure_model`)
 on 2 CPU processes (gloo) gives the same gradients as one process on the same global batch.
 
-The single-process reference runs the global batch as 2 micro-batches (gradient accumulation) and
-each micro-batch draws its noise and times from the same seed as the rank that holds it, so both runs
-compute exactly the same per-sample losses; FSDP averages the ranks' gradients, accumulation averages
-the micro-batches'."""
+The single-process reference runs the global batch as 2 micro-batches (gradient accumulation). The
+modules key their draws by the slice of the global batch (`shard_generator`: rank * accumulation +
+micro-batch), so micro-batch k draws the noise, times and guidance of rank k and both runs compute the
+same per-sample losses; FSDP averages the ranks' gradients, accumulation averages the micro-batches'."""
 from __future__ import annotations
 
 import os
@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from lightning_modules.cfg_distill import full_value
 from lightning_modules.meanflow import RestrictedMeanFlowModule
+from models.io import load_backbone
 from models.mmdit import MMDiT
 from tests.conftest import perturb, tiny_text
 
@@ -44,13 +45,6 @@ def global_samples() -> list[dict]:
             for i in range(n)]
 
 
-class SeedPerShard(L.Callback):
-    """Rank k's batch and the single process's k-th micro-batch draw from the same seed."""
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        torch.manual_seed(1000 + trainer.global_rank + batch_idx)
-
-
 class RecordGrads(L.Callback):
     """Save the student's full (gathered) gradients right before the optimizer step."""
 
@@ -67,10 +61,10 @@ class RecordGrads(L.Callback):
 
 def trainer_kwargs(grads_path: str) -> dict:
     return dict(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, num_sanity_val_steps=0, callbacks=[SeedPerShard(), RecordGrads(grads_path)])
+                enable_model_summary=False, num_sanity_val_steps=0, callbacks=[RecordGrads(grads_path)])
 
 
-def _worker(rank: int, port: int, grads_path: str) -> None:
+def _worker(rank: int, port: int, grads_path: str, export_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(WORLD), RANK=str(rank),
                       LOCAL_RANK=str(rank), NODE_RANK="0")
     torch.set_num_threads(1)
@@ -78,7 +72,9 @@ def _worker(rank: int, port: int, grads_path: str) -> None:
     trainer = L.Trainer(devices=WORLD, num_nodes=1, use_distributed_sampler=False,
                         strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
                         **trainer_kwargs(grads_path))
-    trainer.fit(build_module(), train_dataloaders=DataLoader(samples, batch_size=PER_RANK, shuffle=False))
+    module = build_module()
+    trainer.fit(module, train_dataloaders=DataLoader(samples, batch_size=PER_RANK, shuffle=False))
+    module.export(export_dir)  # gathers the sharded EMA: every rank takes part, rank 0 writes
 
 
 def free_port() -> int:
@@ -89,7 +85,7 @@ def free_port() -> int:
 
 def test_fsdp2_two_process_step_matches_single_process(tmp_path: Path):
     dist_path, single_path = str(tmp_path / "grads_fsdp.pt"), str(tmp_path / "grads_single.pt")
-    ctx = mp.spawn(_worker, args=(free_port(), dist_path), nprocs=WORLD, join=False)
+    ctx = mp.spawn(_worker, args=(free_port(), dist_path, str(tmp_path / "export_fsdp")), nprocs=WORLD, join=False)
     deadline = time.monotonic() + 150
     while not ctx.join(timeout=5):
         if time.monotonic() > deadline:
@@ -101,7 +97,9 @@ def test_fsdp2_two_process_step_matches_single_process(tmp_path: Path):
     torch.set_num_threads(1)
     try:
         trainer = L.Trainer(devices=1, accumulate_grad_batches=WORLD, **trainer_kwargs(single_path))
-        trainer.fit(build_module(), train_dataloaders=DataLoader(global_samples(), batch_size=PER_RANK, shuffle=False))
+        module = build_module()
+        trainer.fit(module, train_dataloaders=DataLoader(global_samples(), batch_size=PER_RANK, shuffle=False))
+        module.export(tmp_path / "export_single")
     finally:
         torch.set_num_threads(threads)
 
@@ -115,3 +113,8 @@ def test_fsdp2_two_process_step_matches_single_process(tmp_path: Path):
         assert fsdp[name].shape == grad.shape, name
         torch.testing.assert_close(fsdp[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
     assert sum(g.abs().sum() for g in single.values()) > 0
+    # the exported EMA students (after one optimizer step and one EMA update) agree too
+    fsdp_export, single_export = load_backbone(tmp_path / "export_fsdp"), load_backbone(tmp_path / "export_single")
+    assert fsdp_export.config == single_export.config and fsdp_export.config["r_embed"] == "average"
+    for (name, a), (_, b) in zip(fsdp_export.state_dict().items(), single_export.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")

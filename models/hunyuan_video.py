@@ -52,7 +52,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.layers import ATTENTION_BACKENDS, apply_rope, attention
-from models.protocol import PLAIN, BackboneOutput, FeatureHook, TextCond, Tokens, check_time
+from models.protocol import PLAIN, BackboneOutput, FeatureHook, TextCond, Tokens, check_time, compose_run
 
 R_EMBED_MODES = ("average", "sum", "interval")
 TIMESTEP_SCALE = 1000.0  # our t in [0, 1] -> diffusers timestep in [0, 1000]
@@ -524,11 +524,8 @@ class HunyuanVideoBackbone(nn.Module):
     def run(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None, guidance: Tensor | None = None,
             *, return_hidden: bool = False, feature_layers: Sequence[int] = (), hook: FeatureHook = PLAIN
             ) -> BackboneOutput:
-        check_time("t", t, x.shape[0])
-        tokens = self.embed(x, text, t)
-        vec = self.condition(t, r, guidance, text.pooled)
-        hidden, features = self.transformer(tokens, vec, hook=hook, feature_layers=feature_layers)
-        return BackboneOutput(self.head(hidden, vec, tokens), hidden if return_hidden else None, features)
+        return compose_run(self, x, t, text, r, guidance, return_hidden=return_hidden,
+                           feature_layers=feature_layers, hook=hook)
 
     def forward(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None,
                 guidance: Tensor | None = None) -> Tensor:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from models.layers import (ATTENTION_BACKENDS, MLPEmbedder, RMSNorm, TimestepEmbedder, apply_rope, attention,
                            modulate, rope_3d)
-from models.protocol import PLAIN, BackboneOutput, FeatureHook, TextCond, Tokens, check_time
+from models.protocol import PLAIN, BackboneOutput, FeatureHook, TextCond, Tokens, check_time, compose_run
 
 R_EMBED_MODES = ("average", "sum", "interval")
 
@@ -375,10 +375,8 @@ class MMDiT(nn.Module):
     def run(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None, guidance: Tensor | None = None,
             *, return_hidden: bool = False, feature_layers: Sequence[int] = (), hook: FeatureHook = PLAIN
             ) -> BackboneOutput:
-        tokens = self.embed(x, text)
-        vec = self.condition(t, r, guidance, text.pooled)
-        hidden, features = self.transformer(tokens, vec, hook=hook, feature_layers=feature_layers)
-        return BackboneOutput(self.head(hidden, vec, tokens), hidden if return_hidden else None, features)
+        return compose_run(self, x, t, text, r, guidance, return_hidden=return_hidden,
+                           feature_layers=feature_layers, hook=hook)
 
     def forward(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None,
                 guidance: Tensor | None = None) -> Tensor:

@@ -134,6 +134,17 @@ class VideoBackbone(Protocol):
     def enable_r_embedding(self, mode: str) -> None: ...
 
 
+def compose_run(backbone: "VideoBackbone", x: Tensor, t: Tensor, text: TextCond, r: Tensor | None,
+                guidance: Tensor | None, *, return_hidden: bool, feature_layers: Sequence[int],
+                hook: FeatureHook) -> BackboneOutput:
+    """`run` for every backbone: head(transformer(embed(x, text, t), condition(t, r, guidance, pooled)))."""
+    check_time("t", t, x.shape[0])
+    tokens = backbone.embed(x, text, t)
+    vec = backbone.condition(t, r, guidance, text.pooled)
+    hidden, features = backbone.transformer(tokens, vec, hook=hook, feature_layers=feature_layers)
+    return BackboneOutput(backbone.head(hidden, vec, tokens), hidden if return_hidden else None, features)
+
+
 def check_time(name: str, value: Tensor | None, batch: int) -> Tensor | None:
     """Validate a per-sample time/guidance tensor: 1-D, float32, batch-sized."""
     if value is None:

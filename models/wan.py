@@ -45,7 +45,7 @@ from models.hunyuan_video import (R_EMBED_MODES, TIMESTEP_SCALE, _check_backend,
                                   _json_config, _resolve_local, _wants_observe, _zero_last,
                                   load_diffusers_model)
 from models.layers import attention
-from models.protocol import PLAIN, BackboneOutput, FeatureHook, TextCond, Tokens, check_time
+from models.protocol import PLAIN, BackboneOutput, FeatureHook, TextCond, Tokens, check_time, compose_run
 
 
 def _wan_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -324,11 +324,8 @@ class WanBackbone(nn.Module):
     def run(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None, guidance: Tensor | None = None,
             *, return_hidden: bool = False, feature_layers: Sequence[int] = (), hook: FeatureHook = PLAIN
             ) -> BackboneOutput:
-        check_time("t", t, x.shape[0])
-        tokens = self.embed(x, text, t)
-        vec = self.condition(t, r, guidance, text.pooled)
-        hidden, features = self.transformer(tokens, vec, hook=hook, feature_layers=feature_layers)
-        return BackboneOutput(self.head(hidden, vec, tokens), hidden if return_hidden else None, features)
+        return compose_run(self, x, t, text, r, guidance, return_hidden=return_hidden,
+                           feature_layers=feature_layers, hook=hook)
 
     def forward(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None,
                 guidance: Tensor | None = None) -> Tensor:

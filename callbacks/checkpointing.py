@@ -22,17 +22,20 @@ class SafeCheckpointIO(TorchCheckpointIO):
 
 class ExportOnTrainEnd(L.Callback):
     """Write `pl_module.export(dirpath)` (safetensors + config.json) when fit ends and at every
-    checkpoint, so the export always matches the newest checkpoint."""
+    checkpoint, so the export always matches the newest checkpoint.
+
+    `export` is called on every rank: gathering a sharded (FSDP2) model is a collective, so a
+    rank-0-only call would hang. Modules whose export is not collective write on rank 0 only."""
 
     def __init__(self, dirpath: str, every_checkpoint: bool = True):
         self.dirpath = dirpath
         self.every_checkpoint = every_checkpoint
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = pl_module.export(self.dirpath)
         if trainer.is_global_zero:
-            path = pl_module.export(self.dirpath)
             print(f"exported weights to {path}")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        if self.every_checkpoint and trainer.is_global_zero:
+        if self.every_checkpoint:
             pl_module.export(self.dirpath)

@@ -80,4 +80,6 @@ class FlowMatchingModule(L.LightningModule):
         return self.ema
 
     def export(self, directory: str | Path) -> Path:
-        return save_backbone(self.ema, directory)
+        if self.global_rank == 0:  # not sharded: one writer (the callback calls every rank)
+            save_backbone(self.ema, directory)
+        return Path(directory)

@@ -185,4 +185,6 @@ class PredictorGANModule(L.LightningModule):
     # --- export -----------------------------------------------------------------------------------
     def export(self, directory: str | Path) -> Path:
         """Predictor-only safetensors + config.json (its config and the backbone config it belongs to)."""
-        return save_predictor(self.predictor, directory)
+        if self.global_rank == 0:  # not sharded: one writer (the callback calls every rank)
+            save_predictor(self.predictor, directory)
+        return Path(directory)

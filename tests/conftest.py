@@ -34,6 +34,16 @@ def tiny_text(batch: int = 2, length: int = 5, dim: int = 384, seed: int = 0) ->
     return TextCond(torch.randn(batch, length, dim, generator=gen), mask, torch.randn(batch, dim, generator=gen))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test runs on one intra-op thread (tiny tensors: more threads only add contention on a
+    busy 2-core machine), and a test that changes the count cannot leak it into the next one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_mmdit() -> MMDiT:
     torch.manual_seed(0)

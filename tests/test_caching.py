@@ -31,15 +31,6 @@ EXPECTED_COMPUTED_UNITS = {"none": 28, "fora": 12, "delta_dit": 3 * 4 + 4 * 2, "
                            "taylorseer": 12}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def models() -> dict[str, MMDiT]:
     torch.manual_seed(0)

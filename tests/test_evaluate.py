@@ -22,16 +22,6 @@ MISSING = {"name": "missing_student", "kind": "cfg_distilled", "model": "outputs
            "train_config": "configs/cfg_distill.yaml"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core CPU: one intra-op thread avoids oversubscription stalls (the
-    smoke config sets num_threads: 1 for the same reason)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")

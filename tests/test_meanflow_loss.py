@@ -16,15 +16,6 @@ from models.protocol import TextCond
 from tests.conftest import perturb, tiny_text
 
 
-@pytest.fixture
-def one_thread():
-    """Small ops run much faster on one thread than on two contended ones."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 # --- (t, r) sampling -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("restrict", [0.2, 0.4, 1.0])
 def test_sample_t_r_respects_restrict(restrict):
@@ -104,7 +95,7 @@ def test_meanflow_dudt_rejects_non_float32_times():
 
 
 # --- the exact JVP on the real backbone --------------------------------------------------------------------
-def test_jvp_matches_finite_difference_on_mmdit(one_thread):
+def test_jvp_matches_finite_difference_on_mmdit():
     """du/dt = jvp along (v, 0, 1) vs a 4th-order central difference along the same direction.
     The model runs in float64 (`.double()`); times stay float32, so t and the step are powers of two
     (exact in float32). The step is small because the time embedding has frequencies up to 1000."""
@@ -165,7 +156,7 @@ def gaussian_batch(n: int, seed: int) -> tuple[Tensor, Tensor]:
     return x0, torch.randn(n, 2, generator=gen, dtype=torch.float64)
 
 
-def test_exact_mean_velocity_satisfies_the_meanflow_identity(one_thread):
+def test_exact_mean_velocity_satisfies_the_meanflow_identity():
     x0, eps = gaussian_batch(64, 0)
     gen = torch.Generator().manual_seed(1)
     t = 0.2 + 0.8 * torch.rand(64, generator=gen)
@@ -194,7 +185,7 @@ class TinyMeanVelocity(nn.Module):
         return a + b * x
 
 
-def test_restricted_meanflow_loss_learns_the_exact_mean_velocity(one_thread):
+def test_restricted_meanflow_loss_learns_the_exact_mean_velocity():
     """Training with the exact teacher v, the Restricted MeanFlow loss and the JVP target reaches the
     closed-form mean velocity far better than v itself does as a one-step predictor."""
     torch.manual_seed(0)

@@ -13,15 +13,6 @@ from models.protocol import TextCond
 TINY = {"guidance_embed": True, "r_embed": "average", "text_dim": 16, "pooled_dim": 8, "patch_size": [1, 4, 4]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The CI box has 2 busy cores: intra-op threads only add contention for these tiny tensors."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def perturbed(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     """Freshly built DiTs output zeros (adaLN-Zero); perturb every weight so outputs are informative."""
     gen = torch.Generator().manual_seed(seed)

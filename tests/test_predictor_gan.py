@@ -20,14 +20,6 @@ from models.protocol import TextCond
 TINY = {"guidance_embed": True, "r_embed": "average", "text_dim": 16, "pooled_dim": 8, "patch_size": [1, 4, 4]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny_model() -> MMDiT:
     torch.manual_seed(0)
     m = MMDiT(size="tiny", config=TINY)

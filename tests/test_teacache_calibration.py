@@ -17,15 +17,6 @@ from sampling.sampler import ModelVelocity, sample, time_grid
 from tests.conftest import perturb, tiny_text
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation (badly so on a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def student() -> MMDiT:
     torch.manual_seed(2)

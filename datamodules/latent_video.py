@@ -19,7 +19,6 @@ import lightning as L
 import numpy as np
 import torch
 from safetensors import safe_open
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.resumable import ResumableDataLoader

@@ -13,79 +13,19 @@ the student is kept and is what gets exported.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import (adamw_warmup_cosine, ema_decay_at, ema_update, finite_or_raise, freeze,
-                                     step_generator)
+from lightning_modules.common import (EMAStudentModule, check_guidance_range, finite_or_raise, freeze,
+                                      sample_guidance, shard_generator)
 from losses.flow import cfg_combine, interpolate, sample_time
-from models.io import build_backbone, save_backbone
 from models.protocol import TextCond
 
 
-def sample_guidance(batch: int, g_min: float, g_max: float, generator: torch.Generator | None = None,
-                    device=None) -> Tensor:
-    """g ~ U(g_min, g_max), float32 (B,) (DisCa Algorithm 1 line 2; the paper uses 1..8)."""
-    return g_min + (g_max - g_min) * torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
-
-
-def shard_generator(module: L.LightningModule, seed: int, batch_idx: int) -> torch.Generator:
-    """The generator for one training micro-batch, keyed by (seed, optimizer step, slice of the global
-    batch = rank * accumulation + micro-batch): a run resumed at step k redraws step k's noise, times
-    and guidance, and 2 ranks draw what 1 process accumulating 2 micro-batches draws."""
-    trainer = module.trainer
-    acc = trainer.accumulate_grad_batches
-    shards = trainer.world_size * acc
-    index = trainer.global_step * shards + trainer.global_rank * acc + batch_idx % acc
-    return step_generator(seed, index, module.device)
-
-
-def check_guidance_range(g_min: float, g_max: float) -> None:
-    if not 0.0 <= g_min <= g_max:
-        raise ValueError(f"need 0 <= guidance_min <= guidance_max, got guidance_min={g_min}, guidance_max={g_max}")
-
-
-def fully_shard_backbone(module: nn.Module, mesh) -> nn.Module:
-    """FSDP2-shard a backbone on `mesh` as one unit: parameters, gradients and optimizer state are
-    sharded at rest and gathered around each `run` call (registered as an FSDP forward method, since
-    the stages call `run`, not `forward`). Per-block units would need backbones that touch a block's
-    weights only inside its `forward`; the MMDiT reads block 0's modulation outside it and the
-    HunyuanVideo adapter re-implements its blocks, so one unit is the correct generic choice.
-    A module that is already sharded is left alone."""
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
-
-    if isinstance(module, FSDPModule):
-        return module
-    fully_shard(module, mesh=mesh)
-    register_fsdp_forward_method(module, "run")
-    return module
-
-
-def full_value(x: Tensor) -> Tensor:
-    """A DTensor's full value (e.g. a grad norm under FSDP2), a plain tensor unchanged."""
-    return x.full_tensor() if hasattr(x, "full_tensor") else x
-
-
-def export_backbone(module: nn.Module, directory: str | Path, write: bool = True) -> Path:
-    """`save_backbone`, also for an FSDP2-sharded backbone: its parameters are gathered into a fresh
-    unsharded copy first. Gathering is collective, so with sharding every rank must call this; only
-    ranks with `write=True` write files."""
-    if not any(hasattr(p, "full_tensor") for p in module.parameters()):
-        return save_backbone(module, directory) if write else Path(directory)
-    state = {k: full_value(v).detach().cpu() for k, v in module.state_dict().items()}
-    if not write:
-        return Path(directory)
-    plain = build_backbone(module.config)
-    plain.load_state_dict(state)
-    return save_backbone(plain, directory)
-
-
-class CFGDistillModule(L.LightningModule):
+class CFGDistillModule(EMAStudentModule):
     def __init__(self, teacher: nn.Module, student: nn.Module | None = None, guidance_min: float = 1.0,
                  guidance_max: float = 8.0, lr: float = 1e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 100, decay_steps: int | None = None,
@@ -103,14 +43,6 @@ class CFGDistillModule(L.LightningModule):
             student.enable_guidance_embedding()
         self.student = student
         self.ema = copy.deepcopy(student).requires_grad_(False)
-
-    # --- sharding (ModelParallelStrategy only) -----------------------------------------------------
-    def configure_model(self) -> None:
-        if self.device_mesh is None:  # any other strategy: nothing to do
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for module in (self.teacher, self.student, self.ema):
-            fully_shard_backbone(module, mesh)
 
     # --- the loss (Algorithm 1) --------------------------------------------------------------------
     @property
@@ -150,24 +82,7 @@ class CFGDistillModule(L.LightningModule):
         self.log("val/loss", self.loss_terms(self.ema, batch, self.null_text, gen)["loss"], prog_bar=True,
                  batch_size=batch["latents"].shape[0])
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self.hparams.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.hparams.grad_clip)
-            self.log("train/grad_norm", full_value(norm))
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.student, ema_decay_at(self.global_step, self.hparams.ema_decay))
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        return adamw_warmup_cosine(self.student.parameters(), hp.lr, hp.betas, hp.weight_decay, hp.warmup_steps,
-                                   hp.decay_steps)
-
     # --- export ------------------------------------------------------------------------------------
     def sampling_model(self) -> nn.Module:
         """The EMA student; sample with `ModelVelocity(model, text, mode='plain', guidance=g)`."""
         return self.ema
-
-    def export(self, directory: str | Path) -> Path:
-        """Write the EMA student (safetensors + config.json). Sharded (FSDP2): call on every rank."""
-        return export_backbone(self.ema, directory, write=self.global_rank == 0)

@@ -17,7 +17,7 @@ from datamodules.latent_video import batch_text
 from lightning_modules.common import (adamw_warmup_cosine, drop_prompts, ema_decay_at, ema_update, finite_or_raise,
                                       step_generator)
 from losses.flow import flow_matching_loss, interpolate, sample_time
-from models.io import save_backbone
+from models.io import load_state, save_backbone
 from models.protocol import TextCond
 
 
@@ -25,10 +25,13 @@ class FlowMatchingModule(L.LightningModule):
     def __init__(self, backbone: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 200, decay_steps: int | None = None,
                  ema_decay: float = 0.999, prompt_dropout: float = 0.1, time_distribution: str = "logit_normal",
-                 time_shift: float = 1.0, grad_clip: float = 1.0, seed: int = 0):
-        """`seed` seeds the per-step noise generator (see `step_generator`)."""
+                 time_shift: float = 1.0, grad_clip: float = 1.0, seed: int = 0, init_from: str | None = None):
+        """`seed` seeds the per-step noise generator (see `step_generator`). `init_from`: a backbone export
+        directory to warm-start from (e.g. continue the shipped teacher); its weights must match `backbone`."""
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
+        if init_from is not None:
+            load_state(backbone, init_from)
         self.backbone = backbone
         self.ema = copy.deepcopy(backbone).requires_grad_(False)
 

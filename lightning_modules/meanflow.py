@@ -15,17 +15,14 @@ memory as forward+backward, and it works with activation checkpointing and FSDP2
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.cfg_distill import (check_guidance_range, export_backbone, full_value,
-                                           fully_shard_backbone, sample_guidance, shard_generator)
-from lightning_modules.common import adamw_warmup_cosine, ema_decay_at, ema_update, finite_or_raise, freeze
+from lightning_modules.common import (EMAStudentModule, check_guidance_range, finite_or_raise, freeze,
+                                      sample_guidance, shard_generator)
 from losses.flow import interpolate
 from losses.meanflow import integrate_mean_velocity, meanflow_dudt, meanflow_loss, meanflow_target, sample_t_r
 from models.layers import ATTENTION_BACKENDS, attention_backend
@@ -38,7 +35,7 @@ def check_finite(step: int, **terms: Tensor) -> None:
             finite_or_raise(name, value, step)
 
 
-class RestrictedMeanFlowModule(L.LightningModule):
+class RestrictedMeanFlowModule(EMAStudentModule):
     def __init__(self, teacher: nn.Module, student: nn.Module | None = None, r_embed: str = "average",
                  restrict: float = 0.2, equal_fraction: float = 0.0, time_distribution: str = "uniform",
                  time_mean: float = 0.0, time_std: float = 1.0, time_shift: float = 1.0,
@@ -75,14 +72,6 @@ class RestrictedMeanFlowModule(L.LightningModule):
             student.enable_r_embedding(r_embed)
         self.student = student
         self.ema = copy.deepcopy(student).requires_grad_(False)
-
-    # --- sharding (ModelParallelStrategy only) -----------------------------------------------------
-    def configure_model(self) -> None:
-        if self.device_mesh is None:  # any other strategy: nothing to do
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for module in (self.teacher, self.student, self.ema):
-            fully_shard_backbone(module, mesh)
 
     # --- the loss (Algorithm 2) --------------------------------------------------------------------
     def sample_inputs(self, batch: dict, generator: torch.Generator | None = None,
@@ -140,24 +129,7 @@ class RestrictedMeanFlowModule(L.LightningModule):
         self.log("val/u_error", F.mse_loss(u.float(), u_ref.float()), prog_bar=True, batch_size=b)
         self.log("val/v_as_u_error", F.mse_loss(v_fn(x_t, t).float(), u_ref.float()), batch_size=b)
 
-    def on_before_optimizer_step(self, optimizer) -> None:
-        if self.hparams.grad_clip:
-            norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.hparams.grad_clip)
-            self.log("train/grad_norm", full_value(norm))
-
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.student, ema_decay_at(self.global_step, self.hparams.ema_decay))
-
-    def configure_optimizers(self):
-        hp = self.hparams
-        return adamw_warmup_cosine(self.student.parameters(), hp.lr, hp.betas, hp.weight_decay, hp.warmup_steps,
-                                   hp.decay_steps)
-
     # --- export ------------------------------------------------------------------------------------
     def sampling_model(self) -> nn.Module:
         """The EMA student; sample with `ModelVelocity(model, text, mode='meanflow', guidance=g)`."""
         return self.ema
-
-    def export(self, directory: str | Path) -> Path:
-        """Write the EMA student (safetensors + config.json). Sharded (FSDP2): call on every rank."""
-        return export_backbone(self.ema, directory, write=self.global_rank == 0)

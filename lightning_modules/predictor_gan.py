@@ -29,8 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.cfg_distill import check_guidance_range, sample_guidance
-from lightning_modules.common import finite_or_raise, freeze
+from lightning_modules.common import check_guidance_range, finite_or_raise, freeze, sample_guidance
 from losses.flow import expand_time, interpolate
 from losses.gan import discriminator_accuracy, hinge_d_loss, hinge_g_loss, prediction_mse, predictor_loss
 from losses.meanflow import sample_t_r

@@ -6,7 +6,7 @@ tokens carry RoPE (as in HunyuanVideo). Sizes come from the `MMDIT_SIZES` regist
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Sequence
 
 import torch

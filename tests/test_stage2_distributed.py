@@ -19,7 +19,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
-from lightning_modules.cfg_distill import full_value
+from lightning_modules.common import full_value
 from lightning_modules.meanflow import RestrictedMeanFlowModule
 from models.io import load_backbone
 from models.mmdit import MMDiT

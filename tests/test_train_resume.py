@@ -85,3 +85,22 @@ def test_resume_skip_reaches_sampler_through_ddp_wrapper():
     # rank 0 of 2 gets every other index of our order; it already trained on its first batch of 4
     assert torch.cat(list(loader)).tolist() == order[::2][4:]
     assert torch.cat(list(loader)).tolist() == order[::2]  # the skip applies to the resumed pass only
+
+
+def test_warm_start_from_export_loads_weights_and_rejects_a_mismatch(tmp_path):
+    """`init_from` continues training from an exported backbone (e.g. the shipped teacher): backbone and EMA
+    start at the exported weights; an export of a different size is refused by name before training."""
+    from lightning_modules.flow_matching import FlowMatchingModule
+    from models.io import save_backbone
+    from models.mmdit import MMDiT
+
+    torch.manual_seed(0)
+    source = MMDiT(size="tiny", config={"patch_size": (1, 4, 4)})
+    save_backbone(source, tmp_path / "export")
+    torch.manual_seed(1)
+    module = FlowMatchingModule(MMDiT(size="tiny", config={"patch_size": (1, 4, 4)}), init_from=str(tmp_path / "export"))
+    for name, value in source.state_dict().items():
+        assert torch.equal(module.backbone.state_dict()[name], value), name
+        assert torch.equal(module.ema.state_dict()[name], value), name
+    with pytest.raises(ValueError, match="does not match the model config"):
+        FlowMatchingModule(MMDiT(size="tiny", config={"patch_size": (1, 2, 2)}), init_from=str(tmp_path / "export"))

@@ -7,6 +7,7 @@ from its last checkpoint. Budgets live in configs/demo.yaml.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(cmd: list[str], log: Path) -> None:
+def run(cmd: list[str], log: Path) -> float:
     """Run a command from the repo root, tee its output to `log`, fail loudly on error."""
     print(f"$ {' '.join(cmd)}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -32,7 +33,9 @@ def run(cmd: list[str], log: Path) -> None:
                 sys.stdout.write(line)
         if proc.wait() != 0:
             raise SystemExit(f"demo: `{' '.join(cmd)}` failed (exit {proc.returncode}); full log in {log}")
-    print(f"  ({time.time() - start:.0f} s)", flush=True)
+    elapsed = time.time() - start
+    print(f"  ({elapsed:.0f} s)", flush=True)
+    return elapsed
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -45,14 +48,16 @@ def main(argv: list[str] | None = None) -> Path:
     marks = ROOT / cfg.output_root / "demo"
     logs = marks / "logs"
     total = time.time()
+    timings: dict[str, float | None] = {}  # seconds per stage run now; None = done earlier
 
     def stage(name: str, cmd: list[str]) -> None:
         mark = marks / f"{name}.done"
         if mark.exists():
             print(f"[{name}] done already ({mark}); delete the marker to redo it")
+            timings[name] = None
             return
         print(f"[{name}]", flush=True)
-        run(cmd, logs / f"{name}.log")
+        timings[name] = run(cmd, logs / f"{name}.log")
         mark.parent.mkdir(parents=True, exist_ok=True)
         mark.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
@@ -86,9 +91,14 @@ def main(argv: list[str] | None = None) -> Path:
     if args.device == "cuda":  # note: the teacher rows of evaluate.yaml still read assets/teacher
         ev += ["--device", "cuda"]
     print("[evaluate]", flush=True)
-    run(ev, logs / "evaluate.log")
+    timings["evaluate"] = run(ev, logs / "evaluate.log")
     report = ROOT / out / "report.md"
-    print(f"\ndemo finished in {(time.time() - total) / 60:.1f} min\nreport: {report}\nlogs: {logs}")
+    timings["total"] = time.time() - total
+    (marks / "timings.json").write_text(json.dumps(timings, indent=1))
+    print("\nstage times (s; '-' = done in an earlier run):")
+    for name, sec in timings.items():
+        print(f"  {name:<26} {'-' if sec is None else f'{sec:7.0f}'}")
+    print(f"\ndemo finished in {timings['total'] / 60:.1f} min\nreport: {report}\nlogs: {logs}")
     return report
 
 

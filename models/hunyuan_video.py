@@ -288,8 +288,50 @@ class HunyuanVideoSingleBlock(nn.Module):
         return single_block_forward(self.block, x, vec, tokens.num_img, tokens.rope, key_mask, hook, name)
 
 
-class HunyuanVideoBackbone(nn.Module):
+class DiffusersAdapter(nn.Module):
+    """Construction shared by the diffusers adapters: `from_config` (a backbone config dict, random
+    weights) and `from_pretrained` (a LOCAL diffusers directory, nothing is downloaded). Subclasses set
+    `TYPE` (the config's "type"), `_diffusers_class()` and take `(model, r_embed, guidance_embed,
+    attention_backend)` in `__init__`."""
+
+    TYPE: str = ""
+
+    @staticmethod
+    def _diffusers_class():
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "DiffusersAdapter":
+        """Build (random weights) from `{"type": TYPE, "diffusers_config": {...}, "r_embed": ...,
+        "guidance_embed": ..., "attention_backend": ...}` ("type" optional)."""
+        cfg = dict(cfg)
+        kind = cfg.pop("type", cls.TYPE)
+        if kind != cls.TYPE:
+            raise ValueError(f"config type {kind!r} is not {cls.TYPE!r}")
+        if "diffusers_config" not in cfg:
+            raise ValueError(f"{cls.TYPE} config needs a 'diffusers_config' dict (the transformer's config.json)")
+        dcfg = {k: v for k, v in dict(cfg.pop("diffusers_config")).items() if not str(k).startswith("_")}
+        extra = dict(r_embed=cfg.pop("r_embed", None), guidance_embed=cfg.pop("guidance_embed", None),
+                     attention_backend=cfg.pop("attention_backend", "sdpa"))
+        if cfg:
+            raise ValueError(f"unknown {cls.TYPE} config keys {sorted(cfg)}")
+        return cls(cls._diffusers_class().from_config(dcfg), **extra)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, subfolder: str | None = "transformer", *, r_embed: str | None = None,
+                        guidance_embed: bool | None = None, attention_backend: str = "sdpa",
+                        **kwargs) -> "DiffusersAdapter":
+        """Load a diffusers transformer from a LOCAL directory (`path/subfolder` or `path` itself);
+        extra kwargs (e.g. torch_dtype) go to diffusers' from_pretrained. Nothing is downloaded."""
+        directory, sub = _resolve_local(path, subfolder)
+        model = load_diffusers_model(cls._diffusers_class(), directory, sub, **kwargs)
+        return cls(model, r_embed=r_embed, guidance_embed=guidance_embed, attention_backend=attention_backend)
+
+
+class HunyuanVideoBackbone(DiffusersAdapter):
     """diffusers HunyuanVideoTransformer3DModel (as `self.model`) implementing `VideoBackbone`."""
+
+    TYPE = "hunyuan_video"
 
     def __init__(self, model: nn.Module, *, r_embed: str | None = None, guidance_embed: bool | None = None,
                  attention_backend: str = "sdpa"):
@@ -318,34 +360,6 @@ class HunyuanVideoBackbone(nn.Module):
         from diffusers import HunyuanVideoTransformer3DModel
 
         return HunyuanVideoTransformer3DModel
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "HunyuanVideoBackbone":
-        """Build (random weights) from `{"type": "hunyuan_video", "diffusers_config": {...}, "r_embed": ...,
-        "guidance_embed": ..., "attention_backend": ...}` ("type" optional)."""
-        cfg = dict(cfg)
-        kind = cfg.pop("type", "hunyuan_video")
-        if kind != "hunyuan_video":
-            raise ValueError(f"config type {kind!r} is not 'hunyuan_video'")
-        if "diffusers_config" not in cfg:
-            raise ValueError("hunyuan_video config needs a 'diffusers_config' dict (the transformer's config.json)")
-        dcfg = {k: v for k, v in dict(cfg.pop("diffusers_config")).items() if not str(k).startswith("_")}
-        extra = dict(r_embed=cfg.pop("r_embed", None), guidance_embed=cfg.pop("guidance_embed", None),
-                     attention_backend=cfg.pop("attention_backend", "sdpa"))
-        if cfg:
-            raise ValueError(f"unknown hunyuan_video config keys {sorted(cfg)}")
-        model = cls._diffusers_class().from_config(dcfg)
-        return cls(model, **extra)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, subfolder: str | None = "transformer", *, r_embed: str | None = None,
-                        guidance_embed: bool | None = None, attention_backend: str = "sdpa",
-                        **kwargs) -> "HunyuanVideoBackbone":
-        """Load a diffusers transformer from a LOCAL directory (`path/subfolder` or `path` itself);
-        extra kwargs (e.g. torch_dtype) go to diffusers' from_pretrained. Nothing is downloaded."""
-        directory, sub = _resolve_local(path, subfolder)
-        model = load_diffusers_model(cls._diffusers_class(), directory, sub, **kwargs)
-        return cls(model, r_embed=r_embed, guidance_embed=guidance_embed, attention_backend=attention_backend)
 
     def _attention_modules(self) -> list[nn.Module]:
         m = self.model

@@ -34,16 +34,14 @@ There is no single-stream stack, so `single_blocks` is never called.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Sequence
 
 import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.hunyuan_video import (R_EMBED_MODES, TIMESTEP_SCALE, _check_backend, _check_features, _check_r_mode,
-                                  _json_config, _resolve_local, _wants_observe, _zero_last,
-                                  load_diffusers_model)
+from models.hunyuan_video import (R_EMBED_MODES, TIMESTEP_SCALE, DiffusersAdapter, _check_backend, _check_features,
+                                  _check_r_mode, _json_config, _wants_observe, _zero_last)
 from models.layers import attention
 from models.protocol import PLAIN, BackboneOutput, FeatureHook, TextCond, Tokens, check_time, compose_run
 
@@ -131,10 +129,12 @@ class WanSingleBlock(nn.Module):
         return torch.cat([img, x[:, n_img:]], dim=1)
 
 
-class WanBackbone(nn.Module):
+class WanBackbone(DiffusersAdapter):
     """diffusers WanTransformer3DModel (as `self.model`) implementing `VideoBackbone`."""
 
-    def __init__(self, model: nn.Module, *, r_embed: str | None = None, guidance_embed: bool = False,
+    TYPE = "wan"
+
+    def __init__(self, model: nn.Module, *, r_embed: str | None = None, guidance_embed: bool | None = False,
                  attention_backend: str = "sdpa"):
         super().__init__()
         cfg = model.config
@@ -160,31 +160,6 @@ class WanBackbone(nn.Module):
         from diffusers import WanTransformer3DModel
 
         return WanTransformer3DModel
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "WanBackbone":
-        """Build (random weights) from `{"type": "wan", "diffusers_config": {...}, "r_embed": ...,
-        "guidance_embed": ..., "attention_backend": ...}` ("type" optional)."""
-        cfg = dict(cfg)
-        kind = cfg.pop("type", "wan")
-        if kind != "wan":
-            raise ValueError(f"config type {kind!r} is not 'wan'")
-        if "diffusers_config" not in cfg:
-            raise ValueError("wan config needs a 'diffusers_config' dict (the transformer's config.json)")
-        dcfg = {k: v for k, v in dict(cfg.pop("diffusers_config")).items() if not str(k).startswith("_")}
-        extra = dict(r_embed=cfg.pop("r_embed", None), guidance_embed=bool(cfg.pop("guidance_embed", False)),
-                     attention_backend=cfg.pop("attention_backend", "sdpa"))
-        if cfg:
-            raise ValueError(f"unknown wan config keys {sorted(cfg)}")
-        return cls(cls._diffusers_class().from_config(dcfg), **extra)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, subfolder: str | None = "transformer", *, r_embed: str | None = None,
-                        guidance_embed: bool = False, attention_backend: str = "sdpa", **kwargs) -> "WanBackbone":
-        """Load a diffusers Wan transformer from a LOCAL directory (`path/subfolder` or `path`)."""
-        directory, sub = _resolve_local(path, subfolder)
-        model = load_diffusers_model(cls._diffusers_class(), directory, sub, **kwargs)
-        return cls(model, r_embed=r_embed, guidance_embed=guidance_embed, attention_backend=attention_backend)
 
     # --- properties ------------------------------------------------------------------------------
     @property

@@ -306,3 +306,16 @@ def test_predictor_runs_on_adapters(hv, wan, inputs, kind):
             p = predictor.Predictor(bb, hidden_size=width, num_blocks=2)
             u = p(bb, x, t - 0.1, None, text, cache)
             assert u.shape == x.shape and torch.isfinite(u).all()
+
+
+@pytest.mark.parametrize("cls, dcfg", [(HunyuanVideoBackbone, HV_CONFIG), (WanBackbone, WAN_CONFIG)])
+def test_adapter_config_errors_name_the_bad_value(cls, dcfg):
+    other = "wan" if cls is HunyuanVideoBackbone else "hunyuan_video"
+    with pytest.raises(ValueError, match=f"config type '{other}' is not '{cls.TYPE}'"):
+        cls.from_config({"type": other, "diffusers_config": dcfg})
+    with pytest.raises(ValueError, match="needs a 'diffusers_config'"):
+        cls.from_config({"type": cls.TYPE})
+    with pytest.raises(ValueError, match=r"unknown .* config keys \['r_embedd'\]"):
+        cls.from_config({"type": cls.TYPE, "diffusers_config": dcfg, "r_embedd": "sum"})
+    built = cls.from_config({"diffusers_config": dcfg, "r_embed": "sum"})  # "type" optional
+    assert built.config["type"] == cls.TYPE and built.config["r_embed"] == "sum"

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> Path:
     print(f"[teacher] {teacher}")
     # 3. distillation stages
     for s in cfg.stages:
-        overrides = list(s.overrides) + extra_stage
+        overrides = list(s.overrides) + list(s.get("extra", [])) + extra_stage
         if s.name == "cfg_distill":
             overrides += ["--model.init_args.teacher.init_args.directory", str(teacher)]
         stage(s.name, [py, "train.py", "--config", s.config, *overrides,

@@ -46,9 +46,10 @@ def test_config_parses(path: Path, tmp_path):
     else:
         demo = yaml.safe_load(path.read_text())
         for stage in demo["stages"]:  # the demo's overrides are valid for the stage's config
-            cfg = train.parse_config(["--config", str(ROOT / stage["config"]), *map(str, stage["overrides"]),
+            overrides = [*map(str, stage["overrides"]), *map(str, stage.get("extra", []))]
+            cfg = train.parse_config(["--config", str(ROOT / stage["config"]), *overrides,
                                       "--trainer.default_root_dir", str(tmp_path)])
-            assert cfg.trainer.max_steps == int(stage["overrides"][stage["overrides"].index("--trainer.max_steps") + 1])
+            assert cfg.trainer.max_steps == int(overrides[overrides.index("--trainer.max_steps") + 1])
         assert (ROOT / demo["evaluate"]["config"]).is_file()
 
 

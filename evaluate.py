@@ -109,6 +109,8 @@ class EvalConfig:
     """seed of random:<size> models"""
     num_threads: int | None = None
     """torch CPU threads during the evaluation (None = torch's default; restored afterwards)"""
+    teacher: str = "assets/teacher"
+    """the stage-0 export; method entries refer to it as ${teacher} (resolved after overrides)"""
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.methods]

@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> Path:
     # 5. evaluation (always rerun: it is the report)
     out = Path(cfg.evaluate.output_dir)
     ev = [py, "evaluate.py", "--config", cfg.evaluate.config, "--output_dir", str(out), *cfg.evaluate.overrides]
-    if args.device == "cuda":  # note: the teacher rows of evaluate.yaml still read assets/teacher
-        ev += ["--device", "cuda"]
+    if args.device == "cuda":
+        ev += ["--device", "cuda", "--teacher", str(teacher)]
     print("[evaluate]", flush=True)
     timings["evaluate"] = run(ev, logs / "evaluate.log")
     report = ROOT / out / "report.md"

@@ -43,6 +43,10 @@ def test_config_parses(path: Path, tmp_path):
     elif k == "evaluate":
         cfg = evaluate.build_parser().parse_args(["--config", str(path), "--output_dir", str(tmp_path)])
         assert cfg.methods
+        # the teacher rows follow --teacher (how `make demo DEVICE=cuda` points them at its own teacher)
+        moved = evaluate.build_parser().parse_args(["--config", str(path), "--teacher", str(tmp_path / "t")])
+        for before, after in zip(cfg.methods, moved.methods):
+            assert after.model == (str(tmp_path / "t") if before.model == cfg.teacher else before.model)
     else:
         demo = yaml.safe_load(path.read_text())
         for stage in demo["stages"]:  # the demo's overrides are valid for the stage's config

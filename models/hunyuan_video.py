@@ -52,7 +52,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.layers import ATTENTION_BACKENDS, apply_rope, attention
-from models.protocol import PLAIN, BackboneOutput, FeatureHook, TextCond, Tokens, check_time, compose_run
+from models.protocol import PLAIN, ComposedBackbone, FeatureHook, TextCond, Tokens, check_time
 
 R_EMBED_MODES = ("average", "sum", "interval")
 TIMESTEP_SCALE = 1000.0  # our t in [0, 1] -> diffusers timestep in [0, 1000]
@@ -288,7 +288,7 @@ class HunyuanVideoSingleBlock(nn.Module):
         return single_block_forward(self.block, x, vec, tokens.num_img, tokens.rope, key_mask, hook, name)
 
 
-class DiffusersAdapter(nn.Module):
+class DiffusersAdapter(ComposedBackbone):
     """Construction shared by the diffusers adapters: `from_config` (a backbone config dict, random
     weights) and `from_pretrained` (a LOCAL diffusers directory, nothing is downloaded). Subclasses set
     `TYPE` (the config's "type"), `_diffusers_class()` and take `(model, r_embed, guidance_embed,
@@ -534,16 +534,6 @@ class HunyuanVideoBackbone(DiffusersAdapter):
         f, h, w = tokens.grid
         out = self.model.proj_out(self.model.norm_out(hidden[:, : tokens.num_img], vec))
         return rearrange(out, "b (f h w) (c pt ph pw) -> b c (f pt) (h ph) (w pw)", f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
-
-    def run(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None, guidance: Tensor | None = None,
-            *, return_hidden: bool = False, feature_layers: Sequence[int] = (), hook: FeatureHook = PLAIN
-            ) -> BackboneOutput:
-        return compose_run(self, x, t, text, r, guidance, return_hidden=return_hidden,
-                           feature_layers=feature_layers, hook=hook)
-
-    def forward(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None,
-                guidance: Tensor | None = None) -> Tensor:
-        return self.run(x, t, text, r, guidance).velocity
 
     def make_single_blocks(self, n: int, hidden_size: int | None = None, mlp_ratio: float | None = None,
                            num_heads: int | None = None) -> nn.ModuleList:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from models.layers import (ATTENTION_BACKENDS, MLPEmbedder, RMSNorm, TimestepEmbedder, apply_rope, attention,
                            modulate, rope_3d)
-from models.protocol import PLAIN, BackboneOutput, FeatureHook, TextCond, Tokens, check_time, compose_run
+from models.protocol import PLAIN, ComposedBackbone, FeatureHook, TextCond, Tokens, check_time
 
 R_EMBED_MODES = ("average", "sum", "interval")
 
@@ -188,7 +188,7 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
-class MMDiT(nn.Module):
+class MMDiT(ComposedBackbone):
     """The built-in backbone; implements `models.protocol.VideoBackbone`."""
 
     def __init__(self, size: str | None = None, config: dict | MMDiTConfig | None = None):
@@ -371,16 +371,6 @@ class MMDiT(nn.Module):
         f, h, w = tokens.grid
         out = self.final(hidden[:, : tokens.num_img], vec)
         return rearrange(out, "b (f h w) (c pt ph pw) -> b c (f pt) (h ph) (w pw)", f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
-
-    def run(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None, guidance: Tensor | None = None,
-            *, return_hidden: bool = False, feature_layers: Sequence[int] = (), hook: FeatureHook = PLAIN
-            ) -> BackboneOutput:
-        return compose_run(self, x, t, text, r, guidance, return_hidden=return_hidden,
-                           feature_layers=feature_layers, hook=hook)
-
-    def forward(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None,
-                guidance: Tensor | None = None) -> Tensor:
-        return self.run(x, t, text, r, guidance).velocity
 
     def make_single_blocks(self, n: int, hidden_size: int | None = None, mlp_ratio: float | None = None,
                            num_heads: int | None = None) -> nn.ModuleList:

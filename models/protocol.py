@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @dataclass
@@ -134,15 +134,22 @@ class VideoBackbone(Protocol):
     def enable_r_embedding(self, mode: str) -> None: ...
 
 
-def compose_run(backbone: "VideoBackbone", x: Tensor, t: Tensor, text: TextCond, r: Tensor | None,
-                guidance: Tensor | None, *, return_hidden: bool, feature_layers: Sequence[int],
-                hook: FeatureHook) -> BackboneOutput:
-    """`run` for every backbone: head(transformer(embed(x, text, t), condition(t, r, guidance, pooled)))."""
-    check_time("t", t, x.shape[0])
-    tokens = backbone.embed(x, text, t)
-    vec = backbone.condition(t, r, guidance, text.pooled)
-    hidden, features = backbone.transformer(tokens, vec, hook=hook, feature_layers=feature_layers)
-    return BackboneOutput(backbone.head(hidden, vec, tokens), hidden if return_hidden else None, features)
+class ComposedBackbone(nn.Module):
+    """Base of the backbones: `run` = head(transformer(embed(x, text, t), condition(t, r, guidance, pooled)))
+    from the four parts a subclass implements, and `forward` = the velocity alone."""
+
+    def run(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None, guidance: Tensor | None = None,
+            *, return_hidden: bool = False, feature_layers: Sequence[int] = (), hook: FeatureHook = PLAIN
+            ) -> BackboneOutput:
+        check_time("t", t, x.shape[0])
+        tokens = self.embed(x, text, t)
+        vec = self.condition(t, r, guidance, text.pooled)
+        hidden, features = self.transformer(tokens, vec, hook=hook, feature_layers=feature_layers)
+        return BackboneOutput(self.head(hidden, vec, tokens), hidden if return_hidden else None, features)
+
+    def forward(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None,
+                guidance: Tensor | None = None) -> Tensor:
+        return self.run(x, t, text, r, guidance).velocity
 
 
 def check_time(name: str, value: Tensor | None, batch: int) -> Tensor | None:

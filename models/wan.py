@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from models.hunyuan_video import (R_EMBED_MODES, TIMESTEP_SCALE, DiffusersAdapter, _check_backend, _check_features,
                                   _check_r_mode, _json_config, _wants_observe, _zero_last)
 from models.layers import attention
-from models.protocol import PLAIN, BackboneOutput, FeatureHook, TextCond, Tokens, check_time, compose_run
+from models.protocol import PLAIN, FeatureHook, TextCond, Tokens, check_time
 
 
 def _wan_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -295,16 +295,6 @@ class WanBackbone(DiffusersAdapter):
         shift, scale = (m.scale_shift_table + vec.unsqueeze(1)).chunk(2, dim=1)
         out = m.proj_out((m.norm_out(img.float()) * (1 + scale) + shift).type_as(img))
         return rearrange(out, "b (f h w) (pt ph pw c) -> b c (f pt) (h ph) (w pw)", f=f, h=h, w=w, pt=pt, ph=ph, pw=pw)
-
-    def run(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None, guidance: Tensor | None = None,
-            *, return_hidden: bool = False, feature_layers: Sequence[int] = (), hook: FeatureHook = PLAIN
-            ) -> BackboneOutput:
-        return compose_run(self, x, t, text, r, guidance, return_hidden=return_hidden,
-                           feature_layers=feature_layers, hook=hook)
-
-    def forward(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None,
-                guidance: Tensor | None = None) -> Tensor:
-        return self.run(x, t, text, r, guidance).velocity
 
     def make_single_blocks(self, n: int, hidden_size: int | None = None, mlp_ratio: float | None = None,
                            num_heads: int | None = None) -> nn.ModuleList:

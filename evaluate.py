@@ -196,6 +196,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
                         repeats=cfg.timing.repeats)
         rows.append(report.add_scores({
             "name": spec.name, "label": spec.display, "kind": spec.kind, "cfg_distilled": spec.cfg_distilled,
+            "ablation": spec.ablation,
             "num_steps": spec.num_steps, "nfe_dit": eff.nfe_dit, "nfe_dit_effective": eff.nfe_dit_effective,
             "nfe_predictor": eff.nfe_predictor, "flops": eff.flops, "latency_s": eff.latency_s,
             "peak_memory_mb": eff.peak_memory_bytes / 2 ** 20, "cache_mb": eff.cache_bytes / 2 ** 20,

@@ -38,6 +38,7 @@ from sampling.sampler import ModelVelocity, sample, time_grid
 
 KINDS = ("teacher_cfg", "cfg_distilled", "meanflow", "cache", "disca")
 BASE_KINDS = ("teacher_cfg", "cfg_distilled", "meanflow")
+ABLATION_KEYS = ("restricted_meanflow", "learnable_predictor", "gan")  # the paper's Table 3 columns
 VELOCITY_MODES = {"teacher_cfg": "cfg", "cfg_distilled": "plain", "meanflow": "meanflow"}
 RANDOM_PREFIX = "random:"
 RANDOM_STD = 0.05  # std of the perturbation added to every weight of a random model
@@ -87,6 +88,9 @@ class MethodSpec:
     """disca: the YAML that produces `predictor`"""
     random_config: dict = field(default_factory=dict)
     """MMDiT config overrides of a random:<size> model"""
+    ablation: dict[str, bool | None] | None = None
+    """a row of the paper's Table 3: which DisCa components it uses, keys `ABLATION_KEYS`
+    (restricted_meanflow, learnable_predictor, gan; None = not applicable)"""
 
     def __post_init__(self) -> None:
         if not self.name or any(c in self.name for c in "/\\ "):
@@ -109,6 +113,9 @@ class MethodSpec:
                              "(an export dir, 'reuse' or 'random')")
         if self.kind != "disca" and (self.predictor or self.schedule or self.max_interval or self.warmup):
             raise ValueError(f"method {self.name!r}: predictor/schedule/max_interval/warmup only apply to kind 'disca'")
+        if self.ablation is not None and set(self.ablation) != set(ABLATION_KEYS):
+            raise ValueError(f"method {self.name!r}: ablation needs exactly the keys {list(ABLATION_KEYS)}, "
+                             f"got {sorted(self.ablation)}")
         if self.kind == "disca" and (self.schedule is None) == (self.max_interval is None):
             raise ValueError(f"method {self.name!r}: a disca method needs exactly one of `schedule` (full steps or a "
                              "preset name) and `max_interval` (N)")

@@ -83,7 +83,8 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> str:
 def table2(rows: list[dict], bounds: dict[str, dict], reference: dict) -> str:
     """Method, CFG distilled, efficiency, semantic and quality scores (paper Table 2 layout), with the
     change relative to the reference method in parentheses, then the ground-truth and noise rows."""
-    header = ["Method", "CFG distilled", "NFE (DiT + P)", "Latency (s) ↓", "Speed ↑", "Peak mem (MB) ↓",
+    header = ["Method", "CFG distilled", "NFE (DiT + P)", "Latency (s) ↓", "Speed ↑", "Theor. speed ↑",
+              "Peak mem (MB) ↓",
               "Digit ↑", "Colour ↑", "Direction ↑", "All-correct ↑", "Semantic ↑", "Flicker ↑",
               "Smoothness ↑",
               "Motion (px/f)", "FD-classifier ↓", "Quality ↑", "Total ↑"]
@@ -91,13 +92,13 @@ def table2(rows: list[dict], bounds: dict[str, dict], reference: dict) -> str:
     for r in rows:
         nfe = _num(r["nfe_dit_effective"], "{:.4g}") + (f" + {r['nfe_predictor']:.4g}" if r["nfe_predictor"] else "")
         body.append([r["label"], "✔" if r["cfg_distilled"] else "✘", nfe, _num(r["latency_s"], "{:.4g}"),
-                     f"{r['speedup']:.2f}×", _num(r["peak_memory_mb"], "{:.4g}"),
+                     f"{r['speedup']:.2f}×", f"{r['theoretical_speedup']:.2f}×", _num(r["peak_memory_mb"], "{:.4g}"),
                      *(_pct(r[k], reference[k]) for k in ("digit_acc", "color_acc", "direction_acc", "all_correct",
                                                           "semantic", "flicker", "smoothness")),
                      _num(r["motion"], "{:.2f}"), _num(r["fd_classifier"], "{:.4g}"),
                      _pct(r["quality"], reference["quality"]), _pct(r["total"], reference["total"])])
     for name, b in bounds.items():
-        body.append([f"*{name}*", "", "—", "—", "—", "—",
+        body.append([f"*{name}*", "", "—", "—", "—", "—", "—",
                      *(_pct(b[k], None) for k in ("digit_acc", "color_acc", "direction_acc", "all_correct",
                                                   "semantic", "flicker", "smoothness")),
                      _num(b["motion"], "{:.2f}"), _num(b["fd_classifier"], "{:.4g}"), _pct(b["quality"], None),
@@ -114,6 +115,40 @@ def table4(rows: list[dict]) -> str:
              _num(r["cache_mb"], "{:.3g}"), f"{r['flops'] / 1e9:.4g}", f"{r['theoretical_speedup']:.2f}×",
              _num(r["theoretical_latency_s"], "{:.4g}"), _num(r["latency_s"], "{:.4g}"), f"{r['speedup']:.2f}×"]
             for r in rows]
+    return _table(header, body)
+
+
+def table1(rows: list[dict], reference: dict) -> str:
+    """The step-distillation rows (CFG teacher, CFG-distilled and MeanFlow samplers, no caches) in the
+    layout of the paper's Table 1: NFE, theoretical and measured speedup, semantic scores (change
+    relative to the reference) and PSNR to the reference's videos."""
+    header = ["Method", "CFG distilled", "NFE", "Theor. speed", "Measured speed", "Digit", "Colour", "Direction",
+              "All-correct", "Semantic", "PSNR (dB)"]
+    body = [[r["label"], "✔" if r["cfg_distilled"] else "✘", _num(r["nfe_dit_effective"], "{:.4g}"),
+             f"{r['theoretical_speedup']:.2f}×", f"{r['speedup']:.2f}×",
+             *(_pct(r[k], reference[k]) for k in ("digit_acc", "color_acc", "direction_acc", "all_correct",
+                                                  "semantic")),
+             "—" if r is reference else f"{r['psnr']:.2f}"]
+            for r in rows if r["kind"] in ("teacher_cfg", "cfg_distilled", "meanflow")]
+    return _table(header, body)
+
+
+def table3(rows: list[dict]) -> str:
+    """The ablation rows (methods with `ablation` flags) in the layout of the paper's Table 3: which of
+    Restricted MeanFlow / learnable predictor / GAN training each uses, and its semantic, quality and total
+    scores with the change relative to the row that uses all three. Empty when there is no such row."""
+    from evaluation.methods import ABLATION_KEYS
+
+    ablations = [r for r in rows if r.get("ablation")]
+    full = next((r for r in ablations if all(r["ablation"][k] for k in ABLATION_KEYS)), None)
+    if full is None:
+        return ""
+    mark = {True: "✔", False: "✘", None: "—"}
+    header = ["Method", "Restricted MeanFlow", "Learnable predictor", "GAN training", "Semantic ↑", "Quality ↑",
+              "Total ↑", "FD-classifier ↓"]
+    body = [[r["label"], *(mark[r["ablation"][k]] for k in ABLATION_KEYS),
+             *(_pct(r[k], full[k]) for k in ("semantic", "quality", "total")), _num(r["fd_classifier"], "{:.4g}")]
+            for r in sorted(ablations, key=lambda r: r is not full)]
     return _table(header, body)
 
 
@@ -139,6 +174,16 @@ def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str
         "",
         table2(rows, bounds, reference),
         "",
+        "## Step distillation (layout of the paper's Table 1)",
+        "",
+        table1(rows, reference),
+        "",
+    ]
+    ablation = table3(rows)
+    if ablation:
+        parts += ["## Ablation (layout of the paper's Table 3)", "",
+                  "Changes relative to the row that uses all three components.", "", ablation, ""]
+    parts += [
         f"## Faithfulness to {reference['label']} (same noise and prompt)",
         "",
         faithfulness_table(rows),

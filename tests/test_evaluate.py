@@ -79,10 +79,14 @@ def test_smoke_numbers_are_consistent(smoke):
 def test_smoke_report_has_tables_bounds_and_skipped(smoke):
     out, _, seconds = smoke
     text = (out / "report.md").read_text()
-    for needle in ("Table 2", "Table 4", "Faithfulness", "ground truth (ceiling)", "noise (floor)",
+    for needle in ("Table 1", "Table 2", "Table 3", "Table 4", "Faithfulness", "ground truth (ceiling)", "noise (floor)",
                    "## Skipped methods", "missing_student", "python train.py --config configs/cfg_distill.yaml"):
         assert needle in text, needle
     assert seconds < 180  # the smoke evaluation's budget on a 2-core CPU
+    table3 = text.split("Table 3)")[1].split("##")[0]
+    assert "| DisCa (N=2) | ✔ | ✔ | ✔ |" in table3 and "| DisCa training-free reuse (N=2) | ✔ | ✘ | — |" in table3
+    table1 = text.split("Table 1)")[1].split("##")[0]
+    assert "Restricted MeanFlow: 4 steps" in table1 and "FORA" not in table1
 
 
 def test_missing_export_fails_clearly_before_any_work(tmp_path):
@@ -108,6 +112,7 @@ def test_full_config_parses_and_lists_the_paper_rows():
     full_steps = {n: len(disca_schedule(specs[n])) for n in ("disca_n2", "disca_n3", "disca_n4")}
     assert full_steps == {"disca_n2": 13, "disca_n3": 11, "disca_n4": 8}  # paper appendix 6.3
     assert specs["disca_n4_reuse"].predictor == "reuse" and specs["disca_n4_r1"].model == "outputs/meanflow_r1/export"
+    assert [n for n, m in specs.items() if m.ablation] == ["disca_n4", "disca_n4_r1", "disca_n4_reuse", "disca_n4_nogan"]
 
 
 def test_help_documents_the_options():
@@ -125,6 +130,9 @@ def test_method_spec_validation():
         MethodSpec(name="a", kind="cache", model="random:tiny", cache="fora", guidance=4.0)
     with pytest.raises(ValueError, match="cfg_scale"):
         MethodSpec(name="a", kind="teacher_cfg", model="random:tiny")
+    with pytest.raises(ValueError, match="ablation needs exactly the keys"):
+        MethodSpec(name="a", kind="disca", model="random:tiny", predictor="reuse", max_interval=2, guidance=4.0,
+                   ablation={"gan": True})
     with pytest.raises(ValueError, match="exactly one of `schedule`"):
         MethodSpec(name="a", kind="disca", model="random:tiny", predictor="reuse", guidance=4.0)
     spec = MethodSpec(name="a", kind="cache", base="teacher_cfg", cache="fora", model="random:tiny", cfg_scale=4.0)

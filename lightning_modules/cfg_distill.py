@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import (EMAStudentModule, check_guidance_range, finite_or_raise, freeze,
+from lightning_modules.common import (EMAStudentModule, check_guidance_range, expand_null, finite_or_raise, freeze,
                                       sample_guidance, shard_generator)
 from losses.flow import cfg_combine, interpolate, sample_time
 from models.protocol import TextCond
@@ -54,10 +54,7 @@ class CFGDistillModule(EMAStudentModule):
         x0 = batch["latents"]
         b, device = x0.shape[0], x0.device
         text = batch_text(batch)
-        if null_text.tokens.shape[1] != text.tokens.shape[1]:
-            raise ValueError(f"null prompt length {null_text.tokens.shape[1]} != prompt length {text.tokens.shape[1]}")
-        null = TextCond(null_text.tokens.expand(b, -1, -1), null_text.mask.expand(b, -1),
-                        null_text.pooled.expand(b, -1))
+        null = expand_null(null_text, text)
         hp = self.hparams
         t = sample_time(b, hp.time_distribution, shift=hp.time_shift, generator=generator, device=device)
         g = sample_guidance(b, hp.guidance_min, hp.guidance_max, generator, device)  # (B,) float32

@@ -16,14 +16,19 @@ def drop_prompts(text: TextCond, null: TextCond, p: float, generator: torch.Gene
     """Replace each sample's prompt by the null prompt with probability p (for classifier-free guidance)."""
     if p <= 0:
         return text
-    b = text.batch_size
-    drop = torch.rand(b, generator=generator, device=text.tokens.device) < p  # (B,)
+    drop = torch.rand(text.batch_size, generator=generator, device=text.tokens.device) < p  # (B,)
+    null = expand_null(null, text)
+    return TextCond(torch.where(drop[:, None, None], null.tokens, text.tokens),
+                    torch.where(drop[:, None], null.mask, text.mask),
+                    torch.where(drop[:, None], null.pooled, text.pooled))
+
+
+def expand_null(null: TextCond, text: TextCond) -> TextCond:
+    """The (1-prompt) null prompt broadcast to `text`'s batch, after checking the token lengths agree."""
     if null.tokens.shape[1] != text.tokens.shape[1]:
         raise ValueError(f"null prompt length {null.tokens.shape[1]} != prompt length {text.tokens.shape[1]}")
-    d3 = drop[:, None, None]
-    return TextCond(torch.where(d3, null.tokens.expand_as(text.tokens), text.tokens),
-                    torch.where(drop[:, None], null.mask.expand_as(text.mask), text.mask),
-                    torch.where(drop[:, None], null.pooled.expand_as(text.pooled), text.pooled))
+    return TextCond(null.tokens.expand_as(text.tokens), null.mask.expand_as(text.mask),
+                    null.pooled.expand_as(text.pooled))
 
 
 def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import (adamw_warmup_cosine, drop_prompts, ema_decay_at, ema_update, finite_or_raise,
-                                      step_generator)
+from lightning_modules.common import (adamw_warmup_cosine, drop_prompts, ema_decay_at, ema_update, export_backbone,
+                                      finite_or_raise, shard_generator)
 from losses.flow import flow_matching_loss, interpolate, sample_time
-from models.io import load_state, save_backbone
+from models.io import load_state
 from models.protocol import TextCond
 
 
@@ -26,7 +26,7 @@ class FlowMatchingModule(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 200, decay_steps: int | None = None,
                  ema_decay: float = 0.999, prompt_dropout: float = 0.1, time_distribution: str = "logit_normal",
                  time_shift: float = 1.0, grad_clip: float = 1.0, seed: int = 0, init_from: str | None = None):
-        """`seed` seeds the per-step noise generator (see `step_generator`). `init_from`: a backbone export
+        """`seed` seeds the per-step noise generator (see `shard_generator`). `init_from`: a backbone export
         directory to warm-start from (e.g. continue the shipped teacher); its weights must match `backbone`."""
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -52,7 +52,7 @@ class FlowMatchingModule(L.LightningModule):
 
     # --- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        gen = step_generator(self.hparams.seed, self.global_step, self.device)
+        gen = shard_generator(self, self.hparams.seed, batch_idx)  # = step_generator(seed, step) on one process
         loss = finite_or_raise("train/loss", self._loss(self.backbone, batch, gen, self.hparams.prompt_dropout),
                                self.global_step)
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
@@ -83,6 +83,4 @@ class FlowMatchingModule(L.LightningModule):
         return self.ema
 
     def export(self, directory: str | Path) -> Path:
-        if self.global_rank == 0:  # not sharded: one writer (the callback calls every rank)
-            save_backbone(self.ema, directory)
-        return Path(directory)
+        return export_backbone(self.ema, directory, write=self.global_rank == 0)

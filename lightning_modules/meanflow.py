@@ -24,7 +24,8 @@ from datamodules.latent_video import batch_text
 from lightning_modules.common import (EMAStudentModule, check_guidance_range, finite_or_raise, freeze,
                                       sample_guidance, shard_generator)
 from losses.flow import interpolate
-from losses.meanflow import integrate_mean_velocity, meanflow_dudt, meanflow_loss, meanflow_target, sample_t_r
+from losses.meanflow import (check_restrict, integrate_mean_velocity, meanflow_dudt, meanflow_loss, meanflow_target,
+                             sample_t_r)
 from models.layers import ATTENTION_BACKENDS, attention_backend
 
 
@@ -51,10 +52,7 @@ class RestrictedMeanFlowModule(EMAStudentModule):
         mean velocity used by validation; `seed` keys the per-step draws (`shard_generator`)."""
         super().__init__()
         check_guidance_range(guidance_min, guidance_max)
-        if not 0.0 < restrict <= 1.0:
-            raise ValueError(f"restrict factor R must be in (0, 1] (R = 1 is the original MeanFlow), got {restrict}")
-        if not 0.0 <= equal_fraction <= 1.0:
-            raise ValueError(f"equal_fraction (share of r = t samples) must be in [0, 1], got {equal_fraction}")
+        check_restrict(restrict, equal_fraction)
         if jvp_attention not in ATTENTION_BACKENDS:
             raise ValueError(f"jvp_attention {jvp_attention!r} not in {ATTENTION_BACKENDS}")
         if adaptive_power < 0:

@@ -32,7 +32,7 @@ from datamodules.latent_video import batch_text
 from lightning_modules.common import check_guidance_range, finite_or_raise, freeze, sample_guidance
 from losses.flow import expand_time, interpolate
 from losses.gan import discriminator_accuracy, hinge_d_loss, hinge_g_loss, prediction_mse, predictor_loss
-from losses.meanflow import sample_t_r
+from losses.meanflow import check_restrict, sample_t_r
 from models.discriminator import Discriminator, dit_features
 from models.predictor import Predictor, ReusePredictor, parameter_share, save_predictor
 from models.protocol import TextCond
@@ -55,8 +55,7 @@ class PredictorGANModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         check_guidance_range(guidance_min, guidance_max)
-        if not 0 < restrict <= 1:
-            raise ValueError(f"restrict R must be in (0, 1], got {restrict}")
+        check_restrict(restrict)
         if not 0 <= delta_max <= 1:
             raise ValueError(f"delta_max must be in [0, 1], got {delta_max}")
         if mse_warmup_steps < 0:

@@ -24,16 +24,21 @@ from torch import Tensor
 from losses.flow import expand_time, sample_time
 
 
+def check_restrict(restrict: float, equal_fraction: float = 0.0) -> None:
+    """Validate the restrict factor R (0 < R <= 1; R = 1 is the original MeanFlow) and the share of r = t pairs."""
+    if not 0.0 < restrict <= 1.0:
+        raise ValueError(f"restrict factor R must be in (0, 1] (R = 1 is the original MeanFlow), got {restrict}")
+    if not 0.0 <= equal_fraction <= 1.0:
+        raise ValueError(f"equal_fraction (share of r = t samples) must be in [0, 1], got {equal_fraction}")
+
+
 def sample_t_r(batch: int, restrict: float, *, distribution: str = "uniform", mean: float = 0.0, std: float = 1.0,
                shift: float = 1.0, equal_fraction: float = 0.0, generator: torch.Generator | None = None,
                device=None) -> tuple[Tensor, Tensor]:
     """Restricted MeanFlow time pairs (DisCa Algorithm 2, line 2): t from `sample_time`,
     I ~ U(0, R), r = max(0, t - I); then exactly round(equal_fraction * batch) random samples get r = t
     (MeanFlow trains a share of r = t pairs, which is plain velocity matching). R = 1 is MeanFlow."""
-    if not 0.0 < restrict <= 1.0:
-        raise ValueError(f"restrict factor R must be in (0, 1], got {restrict}")
-    if not 0.0 <= equal_fraction <= 1.0:
-        raise ValueError(f"equal_fraction (share of r = t samples) must be in [0, 1], got {equal_fraction}")
+    check_restrict(restrict, equal_fraction)
     t = sample_time(batch, distribution, mean=mean, std=std, shift=shift, generator=generator, device=device)
     interval = restrict * torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
     r = (t - interval).clamp_min(0.0)

@@ -3,12 +3,14 @@ accounting (block units computed vs reused, per-key FLOPs, bytes held), and the 
 
 How a cache plugs into a backbone (models/protocol.py): the sampler calls `begin_step(step, t)`
 once per model call (with CFG, cond + uncond run batched in that one call), and the backbone
-routes every residual update through `delta(key, fn)`. The keys nest: `blocks` (the whole stack)
-contains `double{i}.attn|mlp` and `single_blocks`, which contains `single{j}.attn|mlp`. A method
+routes every cacheable output through `delta(key, fn)`. The keys nest: `blocks` (the whole stack's
+residual) contains `double{i}.attn|cross|mlp` and `single_blocks`, which contains
+`single{j}.attn|mlp` (block outputs before the adaLN gate; the backbone applies the current step's
+gate to whatever `delta` returns). A method
 only decides, per key, whether to compute (`lookup` returns None, then `store` sees the result) or
 to return a stored / forecast tensor instead.
 
-Accounting units. A *block unit* is one leaf residual update (one block's attention or its MLP).
+Accounting units. A *block unit* is one leaf output (one block's attention or its MLP).
 The key tree is learned from the first (always full) call, so a reused composite key (e.g.
 `blocks`) counts all the units under it as reused. For a run,
 
@@ -50,9 +52,13 @@ def tensor_bytes(tensors: Iterable[Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in seen.values())
 
 
+BLOCK_OUTPUTS = (".attn", ".cross", ".mlp")
+
+
 def is_block_update(key: str) -> bool:
-    """True for the per-block residual updates (`double{i}.attn`, `single{j}.mlp`, ...)."""
-    return key.endswith((".attn", ".mlp"))
+    """True for the per-block module outputs (`double{i}.attn`, `double{i}.cross`, `single{j}.mlp`, ...):
+    the attention / MLP outputs before the adaLN gate (models/protocol.py)."""
+    return key.endswith(BLOCK_OUTPUTS)
 
 
 def positive_int(name: str, value) -> int:
@@ -62,8 +68,8 @@ def positive_int(name: str, value) -> int:
 
 
 def interval_due(step: int, last_full: int | None, interval: int) -> bool:
-    """The fixed-interval schedule shared by FORA, Delta-DiT, PAB and TaylorSeer: compute when nothing
-    is cached yet or `interval` steps have passed since the last full computation."""
+    """The fixed-interval schedule of Delta-DiT and TaylorSeer: compute when nothing is cached yet or
+    `interval` steps have passed since the last full computation."""
     return last_full is None or step - last_full >= interval
 
 
@@ -175,7 +181,7 @@ class CacheHook(FeatureHook):
         return tensor_bytes(self.held())
 
     def units(self, key: str) -> int:
-        """Block units (leaf updates) under `key`."""
+        """Block units (leaf outputs) under `key`."""
         kids = self.children.get(key)
         return 1 if not kids else sum(self.units(k) for k in kids)
 

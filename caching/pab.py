@@ -1,11 +1,21 @@
 """PAB: Pyramid Attention Broadcast (Zhao et al. 2024, "Real-time video generation with pyramid attention
-broadcast", arXiv 2408.12588), in the MMDiT form of DisCa's appendix 6.3.
+broadcast", arXiv 2408.12588), with the schedule of its reference implementations (VideoSys; diffusers
+`hooks/pyramid_attention_broadcast.py`, `PyramidAttentionBroadcastHook.new_forward`).
 
 PAB broadcasts (reuses) attention outputs across steps inside a middle range of timesteps, where
-attention changes least. MMDiT has no separate spatial / temporal / cross attention, so the
-pyramid degenerates to one interval for all attention: inside `t_range` (sampler time, 1 = noise)
-the attention updates are recomputed every `interval` steps and reused in between; outside it they
-are always recomputed. MLPs are always computed (appendix: N = 5 and 8).
+attention changes least. MMDiT / HunyuanVideo have no separate spatial / temporal attention, so the
+pyramid degenerates to one level, the self-attention of every block (`*.attn` keys: the attention
+output BEFORE the adaLN gate, which the backbone multiplies by the current step's gate, as diffusers
+does when it hooks the attention module). Wan's cross-attention (`*.cross`) and all MLPs are always
+computed (diffusers' cross-attention level is off unless configured; DisCa appendix 6.3: N = 5, 8).
+
+Schedule, as the reference: an ABSOLUTE counter (the step index s, one model call per step) and a
+STRICT timestep range. Attention is recomputed when
+
+    s == 0  or  not (low < t < high)  or  s % N == 0,
+
+and reused otherwise. `t_range` is on the sampler's [0, 1] time (t = timestep / 1000); the default
+(0.1, 0.8) is diffusers' default `spatial_attention_timestep_skip_range=(100, 800)`.
 """
 from __future__ import annotations
 
@@ -13,13 +23,15 @@ from typing import Iterable
 
 from torch import Tensor
 
-from caching.base import CacheHook, interval_due, positive_int
+from caching.base import CacheHook, positive_int
+
+KEY_SUFFIX = ".attn"
 
 
 class PAB(CacheHook):
     name = "pab"
 
-    def __init__(self, num_steps: int, interval: int = 5, t_range: tuple[float, float] = (0.1, 0.9), *,
+    def __init__(self, num_steps: int, interval: int = 5, t_range: tuple[float, float] = (0.1, 0.8), *,
                  count_flops: bool = True):
         self.interval = positive_int("interval", interval)
         if len(t_range) != 2 or not 0.0 <= float(t_range[0]) <= float(t_range[1]) <= 1.0:
@@ -29,24 +41,21 @@ class PAB(CacheHook):
 
     def clear(self) -> None:
         self.cache: dict[str, Tensor] = {}
-        self.last_full: int | None = None
         self.full = True
 
     def plan(self, step: int, t: float) -> None:
-        inside = self.t_range[0] <= t <= self.t_range[1]
-        self.full = not inside or interval_due(step, self.last_full, self.interval)
-        if self.full:
-            self.last_full = step
+        inside = self.t_range[0] < t < self.t_range[1]
+        self.full = step == 0 or not inside or step % self.interval == 0
 
     def lookup(self, key: str) -> Tensor | None:
-        if self.full or not key.endswith(".attn"):
+        if self.full or not key.endswith(KEY_SUFFIX):
             return None
         if key not in self.cache:
             raise KeyError(f"PAB: no cached attention for {key!r}")
         return self.cache[key]
 
     def store(self, key: str, value: Tensor) -> None:
-        if key.endswith(".attn"):
+        if key.endswith(KEY_SUFFIX):
             self.cache[key] = value
 
     def held(self) -> Iterable[Tensor]:

@@ -1,7 +1,10 @@
 """TaylorSeer: "From reusing to forecasting: accelerating diffusion models with TaylorSeers" (Liu et al.
 2025, arXiv 2503.06923); DisCa paper section 3.1.
 
-Per block update (every `double{i}.attn|mlp`, `single{j}.attn|mlp`) the cache holds the feature and
+Per block output (every `double{i}.attn|cross|mlp`, `single{j}.attn|mlp`: the attention / MLP output
+BEFORE the adaLN gate; the backbone multiplies the forecast by the CURRENT step's gate, as the
+official TaylorSeer-HunyuanVideo code (github.com/ywlq/TaylorSeer, `TaylorSeer-HunyuanVideo/hyvideo/
+modules/models.py`) and diffusers' `hooks/taylorseer_cache.py` do) the cache holds the feature and
 its finite-difference derivatives up to `order`, refreshed at each full step. On a cached step k
 steps after the last full step s the feature is forecast (DisCa eq. in section 3.1):
 
@@ -14,6 +17,13 @@ difference along the step index, D_i = (D_{i-1}(s) - D_{i-1}(s - N)) / N with D_
 so the forecast is F + sum_i D_i k^i / i!. As in TaylorSeer's reference code, D_i is recomputed at
 each full step from the previous full step's D_{i-1}, divided by the actual distance between the
 two full steps (= N after warm-up); the first `warmup` steps are always full (appendix 6.3: 3).
+
+Schedules (`schedule`):
+- 'reference' (default), the official code (`hyvideo/modules/cache_functions/cal_type.py`): the
+  first `warmup` steps, then a full step whenever N steps have passed since the last one;
+- 'diffusers', diffusers' `TaylorSeerCacheHook._measure_should_compute`: the first `warmup` steps
+  (`disable_cache_before_step`), then the steps s with (s - warmup - 1) % N == 0. The two agree for
+  N <= 2; this option lets the project's cache be compared with diffusers' hook at any N.
 
 Note: D_i is the exact i-th derivative of a degree-i polynomial feature, so order 1 forecasts a
 linear-in-step feature exactly; on a quadratic, order 2 gets the curvature exactly but D_1 is the
@@ -50,16 +60,22 @@ def taylor_forecast(factors: Sequence[Tensor], k: float) -> Tensor:
     return out
 
 
+SCHEDULES = ("reference", "diffusers")
+
+
 class TaylorSeer(CacheHook):
     name = "taylorseer"
 
-    def __init__(self, num_steps: int, interval: int = 3, order: int = 1, warmup: int = 3, *,
-                 count_flops: bool = True):
+    def __init__(self, num_steps: int, interval: int = 3, order: int = 1, warmup: int = 3,
+                 schedule: str = "reference", *, count_flops: bool = True):
         self.interval = positive_int("interval", interval)
         self.order = positive_int("order", order)
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be an integer >= 0 (always-full first steps), got {warmup!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"TaylorSeer schedule {schedule!r} not in {SCHEDULES}")
         self.warmup = warmup
+        self.schedule = schedule
         super().__init__(num_steps, count_flops=count_flops)
 
     def clear(self) -> None:
@@ -70,7 +86,11 @@ class TaylorSeer(CacheHook):
         self.k = 0
 
     def plan(self, step: int, t: float) -> None:
-        self.full = step < self.warmup or interval_due(step, self.last_full, self.interval)
+        if self.schedule == "reference":
+            due = interval_due(step, self.last_full, self.interval)
+        else:
+            due = self.last_full is None or (step - self.warmup - 1) % self.interval == 0
+        self.full = step < self.warmup or due
         if self.full:
             self.distance = None if self.last_full is None else step - self.last_full
             self.last_full = step

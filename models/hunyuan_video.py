@@ -25,8 +25,8 @@ Conventions (checked against diffusers 0.42.1):
   The refiner's self-attention mask is also reproduced exactly (padded query rows attend only to
   text token 0).
 - Single-stream blocks apply their fused output projection `proj_out` as two slices (attention
-  part, MLP part + bias) so that each gated residual update can be cached on its own; this is
-  equal to diffusers up to float rounding (~1e-7 relative).
+  part, MLP part + bias) so that each block output can be cached on its own; this is equal to
+  diffusers up to float rounding (~1e-7 relative).
 
 Added conditioning (SPEC §3): `enable_guidance_embedding()` adds the diffusers guidance embedder
 (a copy of the timestep embedder with a zero last layer) when the model was built without one and
@@ -36,7 +36,8 @@ adapter (it is not a diffusers weight): 'average' -> (time(t) + time_r(r)) / 2 w
 time; 'sum' -> time(t) + time_r(r); 'interval' -> time(t) + time_r(t - r); both zero-initialised.
 
 Hook keys: `modulated_input` (observed: block 0's modulated image input), `blocks`,
-`single_blocks`, `double{i}.attn`, `double{i}.mlp`, `single{j}.attn`, `single{j}.mlp`.
+`single_blocks` (residuals), `double{i}.attn`, `double{i}.mlp`, `single{j}.attn`, `single{j}.mlp`
+(outputs before the adaLN gate, which the block applies outside the hook; models/protocol.py).
 """
 from __future__ import annotations
 
@@ -205,45 +206,46 @@ def _single_attention(attn: nn.Module, x: Tensor, n_img: int, rope, key_mask: Te
 
 def double_block_forward(block: nn.Module, img: Tensor, txt: Tensor, vec: Tensor, rope, key_mask: Tensor,
                          hook: FeatureHook = PLAIN, name: str = "double") -> tuple[Tensor, Tensor]:
-    """diffusers HunyuanVideoTransformerBlock.forward, with the gated residual updates through `hook`."""
+    """diffusers HunyuanVideoTransformerBlock.forward, with the attention output (`block.attn`, both
+    streams) and the feed-forward outputs (`ff`, `ff_context`) through `hook` BEFORE their gates: the
+    outputs diffusers' own cache hooks see when they hook those modules."""
     n_img = img.shape[1]
     norm_img, gate_msa, shift_mlp, scale_mlp, gate_mlp = block.norm1(img, emb=vec)
     norm_txt, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = block.norm1_context(txt, emb=vec)
 
-    def attn_delta() -> Tensor:
-        a_img, a_txt = _double_attention(block.attn, norm_img, norm_txt, rope, key_mask)
-        return torch.cat([a_img * gate_msa.unsqueeze(1), a_txt * c_gate_msa.unsqueeze(1)], dim=1)
+    def attn_out() -> Tensor:
+        return torch.cat(_double_attention(block.attn, norm_img, norm_txt, rope, key_mask), dim=1)
 
-    d = hook.delta(f"{name}.attn", attn_delta)
-    img, txt = img + d[:, :n_img], txt + d[:, n_img:]
+    a = hook.delta(f"{name}.attn", attn_out)
+    img, txt = img + a[:, :n_img] * gate_msa.unsqueeze(1), txt + a[:, n_img:] * c_gate_msa.unsqueeze(1)
 
-    def mlp_delta() -> Tensor:
+    def mlp_out() -> Tensor:
         n_i = block.norm2(img) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
         n_t = block.norm2_context(txt) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        return torch.cat([gate_mlp.unsqueeze(1) * block.ff(n_i), c_gate_mlp.unsqueeze(1) * block.ff_context(n_t)],
-                         dim=1)
+        return torch.cat([block.ff(n_i), block.ff_context(n_t)], dim=1)
 
-    d = hook.delta(f"{name}.mlp", mlp_delta)
-    return img + d[:, :n_img], txt + d[:, n_img:]
+    m = hook.delta(f"{name}.mlp", mlp_out)
+    return img + gate_mlp.unsqueeze(1) * m[:, :n_img], txt + c_gate_mlp.unsqueeze(1) * m[:, n_img:]
 
 
 def single_block_forward(block: nn.Module, x: Tensor, vec: Tensor, n_img: int, rope, key_mask: Tensor,
                          hook: FeatureHook = PLAIN, name: str = "single") -> Tensor:
     """diffusers HunyuanVideoSingleTransformerBlock.forward on the joint tokens x (B, N_img + N_txt, H).
-    The fused `proj_out(cat(attn, mlp))` is applied as its attention and MLP slices."""
+    The fused `proj_out(cat(attn, mlp))` is applied as its attention and MLP slices; each slice goes
+    through `hook` before the gate (a linear map of the `attn` / `act_mlp` module outputs that
+    diffusers' hooks cache, so reusing or Taylor-forecasting either gives the same result)."""
     d = x.shape[-1]
     norm_x, gate = block.norm(x, emb=vec)
     w, b = block.proj_out.weight, block.proj_out.bias
 
-    def attn_delta() -> Tensor:
-        a = _single_attention(block.attn, norm_x, n_img, rope, key_mask)
-        return gate.unsqueeze(1) * F.linear(a, w[:, :d])
+    def attn_out() -> Tensor:
+        return F.linear(_single_attention(block.attn, norm_x, n_img, rope, key_mask), w[:, :d])
 
-    def mlp_delta() -> Tensor:
-        m = block.act_mlp(block.proj_mlp(norm_x))
-        return gate.unsqueeze(1) * F.linear(m, w[:, d:], b)
+    def mlp_out() -> Tensor:
+        return F.linear(block.act_mlp(block.proj_mlp(norm_x)), w[:, d:], b)
 
-    return x + hook.delta(f"{name}.attn", attn_delta) + hook.delta(f"{name}.mlp", mlp_delta)
+    g = gate.unsqueeze(1)
+    return x + g * hook.delta(f"{name}.attn", attn_out) + g * hook.delta(f"{name}.mlp", mlp_out)
 
 
 def _refiner_attention(attn: nn.Module, x: Tensor, mask: Tensor) -> Tensor:

@@ -112,7 +112,7 @@ class DoubleStreamBlock(nn.Module):
         i_sh1, i_sc1, i_g1, i_sh2, i_sc2, i_g2 = self.img.mod(vec)
         t_sh1, t_sc1, t_g1, t_sh2, t_sc2, t_g2 = self.txt.mod(vec)
 
-        def attn_delta() -> Tensor:  # (B, N_img + N_txt, D) gated attention update of both streams
+        def attn_out() -> Tensor:  # (B, N_img + N_txt, D) attention outputs of both streams, before the gate
             iq, ik, iv = self.img.qkv_heads(img, i_sh1, i_sc1, self.num_heads)
             tq, tk, tv = self.txt.qkv_heads(txt, t_sh1, t_sc1, self.num_heads)
             if tokens.rope is not None:
@@ -120,18 +120,17 @@ class DoubleStreamBlock(nn.Module):
             out = attention(torch.cat([iq, tq], 2), torch.cat([ik, tk], 2), torch.cat([iv, tv], 2), key_mask,
                             self.attention_backend)
             out = rearrange(out, "b h n d -> b n (h d)")
-            return torch.cat([i_g1[:, None] * self.img.proj(out[:, :n_img]),
-                              t_g1[:, None] * self.txt.proj(out[:, n_img:])], dim=1)
+            return torch.cat([self.img.proj(out[:, :n_img]), self.txt.proj(out[:, n_img:])], dim=1)
 
-        d = hook.delta(f"{name}.attn", attn_delta)
-        img, txt = img + d[:, :n_img], txt + d[:, n_img:]
+        a = hook.delta(f"{name}.attn", attn_out)  # the gate of THIS step is applied outside the hook
+        img, txt = img + i_g1[:, None] * a[:, :n_img], txt + t_g1[:, None] * a[:, n_img:]
 
-        def mlp_delta() -> Tensor:
-            return torch.cat([i_g2[:, None] * self.img.mlp(modulate(self.img.norm2(img), i_sh2, i_sc2)),
-                              t_g2[:, None] * self.txt.mlp(modulate(self.txt.norm2(txt), t_sh2, t_sc2))], dim=1)
+        def mlp_out() -> Tensor:
+            return torch.cat([self.img.mlp(modulate(self.img.norm2(img), i_sh2, i_sc2)),
+                              self.txt.mlp(modulate(self.txt.norm2(txt), t_sh2, t_sc2))], dim=1)
 
-        d = hook.delta(f"{name}.mlp", mlp_delta)
-        return img + d[:, :n_img], txt + d[:, n_img:]
+        m = hook.delta(f"{name}.mlp", mlp_out)
+        return img + i_g2[:, None] * m[:, :n_img], txt + t_g2[:, None] * m[:, n_img:]
 
 
 class SingleStreamBlock(nn.Module):
@@ -158,7 +157,7 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = self.mod(vec)
         x_mod = modulate(self.norm(x), shift, scale)
 
-        def attn_delta() -> Tensor:
+        def attn_out() -> Tensor:  # the attention slice of linear2, before the gate
             qkv = F.linear(x_mod, self.linear1.weight[: 3 * d], self.linear1.bias[: 3 * d])
             q, k, v = rearrange(qkv, "b n (k h e) -> k b h n e", k=3, h=self.num_heads)
             q, k = self.q_norm(q), self.k_norm(k)
@@ -166,14 +165,14 @@ class SingleStreamBlock(nn.Module):
                 q = torch.cat([apply_rope(q[:, :, :n_img], *tokens.rope), q[:, :, n_img:]], 2)
                 k = torch.cat([apply_rope(k[:, :, :n_img], *tokens.rope), k[:, :, n_img:]], 2)
             out = rearrange(attention(q, k, v, key_mask, self.attention_backend), "b h n e -> b n (h e)")
-            return gate[:, None] * F.linear(out, self.linear2.weight[:, :d])
+            return F.linear(out, self.linear2.weight[:, :d])
 
-        def mlp_delta() -> Tensor:
+        def mlp_out() -> Tensor:  # the MLP slice of linear2 (with its bias), before the gate
             h = F.linear(x_mod, self.linear1.weight[3 * d:], self.linear1.bias[3 * d:])
-            return gate[:, None] * F.linear(F.gelu(h, approximate="tanh"), self.linear2.weight[:, d:],
-                                            self.linear2.bias)
+            return F.linear(F.gelu(h, approximate="tanh"), self.linear2.weight[:, d:], self.linear2.bias)
 
-        return x + hook.delta(f"{name}.attn", attn_delta) + hook.delta(f"{name}.mlp", mlp_delta)
+        g = gate[:, None]
+        return x + g * hook.delta(f"{name}.attn", attn_out) + g * hook.delta(f"{name}.mlp", mlp_out)
 
 
 class FinalLayer(nn.Module):

@@ -88,11 +88,19 @@ class FeatureHook:
     """Block-level interception point used by the training-free caches (FORA, PAB, TeaCache, ...).
 
     Backbones call `observe` with cheap signals (e.g. block 0's modulated input) and route every
-    residual update through `delta(key, fn)`: a plain forward calls `fn()`; a cache may instead
-    return a stored or forecast tensor. Keys: `blocks` (the whole stack's residual),
-    `single_blocks` (the single-stream stack's residual), `double{i}.attn`, `double{i}.mlp`,
-    `single{i}.attn`, `single{i}.mlp` (gated residual updates of block i), and the observed
-    `modulated_input` of block 0.
+    cacheable output through `delta(key, fn)`: a plain forward calls `fn()`; a cache may instead
+    return a stored or forecast tensor. Keys:
+
+    - `blocks` (the whole stack's residual) and `single_blocks` (the single-stream stack's
+      residual): residuals, added to the stack's input as they are;
+    - `double{i}.attn`, `double{i}.mlp`, `single{i}.attn`, `single{i}.mlp` (Wan also
+      `double{i}.cross`, its ungated cross-attention): the block's attention / MLP output BEFORE
+      its adaLN gate. The block multiplies the returned tensor by the gate of the CURRENT step
+      outside the hook, so a cache that reuses or forecasts these keys reuses the pre-gate output
+      and applies the current gate, as the references do (FORA `src/models.py`, TaylorSeer
+      `TaylorSeer-HunyuanVideo`, and diffusers' `hooks/pyramid_attention_broadcast.py` /
+      `hooks/taylorseer_cache.py`, which hook the attention and feed-forward modules);
+    - the observed `modulated_input` of block 0.
     """
 
     def begin_step(self, step: int, t: float) -> None:

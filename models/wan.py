@@ -26,9 +26,9 @@ layer, added to temb; `enable_r_embedding(mode)` adds `time_r_in` exactly as for
 adapter (not in the diffusers model).
 
 Hook keys. Wan has one block kind (self-attention, cross-attention, FFN on the image tokens); its
-blocks use the double-stream names: `double{i}.attn` is the block's whole attention residual
-(gated self-attention followed by the ungated cross-attention), `double{i}.mlp` the gated FFN
-residual; plus `modulated_input` (block 0's modulated input) and `blocks` (the whole stack).
+blocks use the double-stream names: `double{i}.attn` is the self-attention output before its gate,
+`double{i}.cross` the (ungated) cross-attention output, `double{i}.mlp` the FFN output before its
+gate; plus `modulated_input` (block 0's modulated input) and `blocks` (the whole stack's residual).
 There is no single-stream stack, so `single_blocks` is never called.
 """
 from __future__ import annotations
@@ -77,25 +77,27 @@ def _wan_attention(attn: nn.Module, x: Tensor, context: Tensor | None, rope) -> 
 
 def wan_block_forward(block: nn.Module, img: Tensor, context: Tensor, tproj: Tensor, rope,
                       hook: FeatureHook = PLAIN, name: str = "double") -> Tensor:
-    """diffusers WanTransformerBlock.forward (tproj (B, 6, H)) with its residual updates through `hook`."""
+    """diffusers WanTransformerBlock.forward (tproj (B, 6, H)) with the outputs of its modules `attn1`
+    (self-attention), `attn2` (cross-attention, ungated) and `ffn` through `hook` as `{name}.attn`,
+    `{name}.cross` and `{name}.mlp`, before their gates (models/protocol.py)."""
     shift_msa, scale_msa, gate_msa, c_shift_msa, c_scale_msa, c_gate_msa = (
         block.scale_shift_table + tproj.float()).chunk(6, dim=1)
 
-    def attn_delta() -> Tensor:
-        h = img
-        n = (block.norm1(h.float()) * (1 + scale_msa) + shift_msa).type_as(h)
-        h = (h.float() + _wan_attention(block.attn1, n, None, rope) * gate_msa).type_as(h)
-        n = block.norm2(h.float()).type_as(h)
-        h = h + _wan_attention(block.attn2, n, context, None)
-        return h - img
+    def attn_out() -> Tensor:
+        n = (block.norm1(img.float()) * (1 + scale_msa) + shift_msa).type_as(img)
+        return _wan_attention(block.attn1, n, None, rope)
 
-    img = img + hook.delta(f"{name}.attn", attn_delta)
+    img = (img.float() + hook.delta(f"{name}.attn", attn_out) * gate_msa).type_as(img)
 
-    def mlp_delta() -> Tensor:
-        n = (block.norm3(img.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(img)
-        return (block.ffn(n).float() * c_gate_msa).type_as(img)
+    def cross_out() -> Tensor:
+        return _wan_attention(block.attn2, block.norm2(img.float()).type_as(img), context, None)
 
-    return (img.float() + hook.delta(f"{name}.mlp", mlp_delta).float()).type_as(img)
+    img = img + hook.delta(f"{name}.cross", cross_out)
+
+    def mlp_out() -> Tensor:
+        return block.ffn((block.norm3(img.float()) * (1 + c_scale_msa) + c_shift_msa).type_as(img))
+
+    return (img.float() + hook.delta(f"{name}.mlp", mlp_out).float() * c_gate_msa).type_as(img)
 
 
 class WanSingleBlock(nn.Module):

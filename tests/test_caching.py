@@ -2,6 +2,7 @@
 the Taylor forecast, parameter errors, and the diffusers HunyuanVideo adapter."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from caching import CACHE_METHODS, cache_cost, flop_counter, make_cache, measure
 from caching.taylorseer import taylor_forecast, update_taylor_factors
 from models.hunyuan_video import HunyuanVideoBackbone
 from models.mmdit import MMDiT
-from models.protocol import PLAIN
+from models.protocol import PLAIN, FeatureHook
 from sampling.sampler import ModelVelocity, sample, time_grid
 from tests.conftest import perturb, tiny_text
 
@@ -286,11 +287,89 @@ def test_fora_on_the_hunyuan_video_adapter():
     assert torch.equal(out, reference)
     hook = make_cache("fora", num_steps=4, interval=2)
     out, vel = go(hook)
-    assert hook.units_per_call == 2 * model.num_blocks and hook.full_steps == [0, 2]
-    assert cache_cost(hook, vel).nfe == 2.0 and not torch.equal(out, reference)
+    # FORA's reference schedule: first step, then anchored to the last step (i = 3 - s, i % 2 == 0)
+    assert hook.units_per_call == 2 * model.num_blocks and hook.full_steps == [0, 1, 3]
+    assert cache_cost(hook, vel).nfe == 3.0 and not torch.equal(out, reference)
     # TeaCache reads the adapter's observed modulated input
     out, _ = go(make_cache("teacache", num_steps=4, threshold=0.0, coefficients=[1.0, 0.0]))
     assert torch.equal(out, reference)
     hook = make_cache("teacache", num_steps=4, threshold=1e9, coefficients=[1.0, 0.0])
     go(hook)
     assert hook.full_steps == [0, 3]
+
+
+# --- what the block keys carry, and the reference schedules ---------------------------------------
+class _Scale(FeatureHook):
+    """Multiplies the given keys' outputs by 2."""
+
+    def __init__(self, keys):
+        self.keys = set(keys)
+
+    def delta(self, key, fn):
+        return 2 * fn() if key in self.keys else fn()
+
+
+def _double_gate_rows(mod, chunks: int, index: int) -> None:
+    h = mod.lin.weight.shape[0] // chunks
+    with torch.no_grad():
+        mod.lin.weight[index * h:(index + 1) * h] *= 2
+        mod.lin.bias[index * h:(index + 1) * h] *= 2
+
+
+def test_block_keys_carry_the_output_before_the_gate(models, noise):
+    """Doubling a block key's output == doubling that block's adaLN gate: the hook sees the pre-gate
+    output and the backbone multiplies it by the current step's gate (FORA / TaylorSeer / PAB references)."""
+    model = models["teacher"]
+    t = torch.full((2,), 0.6)
+    for keys, patch in [(["double0.attn"], lambda m: (_double_gate_rows(m.double_blocks[0].img.mod, 6, 2),
+                                                      _double_gate_rows(m.double_blocks[0].txt.mod, 6, 2))),
+                        (["double0.mlp"], lambda m: (_double_gate_rows(m.double_blocks[0].img.mod, 6, 5),
+                                                     _double_gate_rows(m.double_blocks[0].txt.mod, 6, 5))),
+                        (["single0.attn", "single0.mlp"], lambda m: _double_gate_rows(m.single_blocks[0].mod, 3, 2))]:
+        patched = copy.deepcopy(model)
+        patch(patched)
+        with torch.no_grad():
+            hooked = model.run(noise, t, TEXT, hook=_Scale(keys)).velocity
+            expected = patched.run(noise, t, TEXT).velocity
+            plain = model.run(noise, t, TEXT).velocity
+        torch.testing.assert_close(hooked, expected, rtol=1e-5, atol=1e-6)
+        assert (hooked - plain).abs().max() > 1e-3, keys
+
+
+def test_fora_schedule_computes_first_and_last_and_anchors_at_the_end():
+    from caching.fora import fora_full_steps
+
+    assert fora_full_steps(20, 3) == [0, 1, 4, 7, 10, 13, 16, 19]  # i = 19 - s: i == 19 or i % 3 == 0
+    assert fora_full_steps(20, 6) == [0, 1, 7, 13, 19]
+    assert fora_full_steps(5, 1) == [0, 1, 2, 3, 4]
+    hook = make_cache("fora", num_steps=8, interval=3, count_flops=False)
+    for s in range(8):
+        hook.begin_step(s, 1 - s / 8)
+        hook.delta("double0.attn", lambda: torch.zeros(1))
+    assert hook.full_steps == [0, 1, 4, 7]
+
+
+def test_pab_counts_absolute_steps_and_its_range_is_strict():
+    hook = make_cache("pab", num_steps=8, interval=2, t_range=(0.25, 0.75), count_flops=False)
+    times = [1.0, 0.75, 0.7, 0.6, 0.5, 0.4, 0.25, 0.2]  # 0.75 and 0.25 are on the bounds: outside
+    for s, t in enumerate(times):
+        hook.begin_step(s, t)
+        hook.delta("double0.attn", lambda: torch.zeros(1))
+        hook.delta("double0.mlp", lambda: torch.zeros(1))  # PAB never reuses MLPs
+    assert hook.full_steps == [0, 1, 2, 4, 6, 7]  # inside the range: reuse at odd (absolute) steps 3 and 5
+    assert make_cache("pab", num_steps=2).t_range == (0.1, 0.8)  # diffusers' default (100, 800) / 1000
+
+
+def test_taylorseer_schedules():
+    def full(**kwargs):
+        hook = make_cache("taylorseer", num_steps=12, count_flops=False, **kwargs)
+        for s in range(12):
+            hook.begin_step(s, 1 - s / 12)
+            hook.delta("double0.attn", lambda: torch.zeros(1))
+        return hook.full_steps
+
+    assert full(interval=3, warmup=3) == [0, 1, 2, 5, 8, 11]  # official: every N from the last full step
+    assert full(interval=3, warmup=3, schedule="diffusers") == [0, 1, 2, 4, 7, 10]  # (s - 3 - 1) % 3 == 0
+    assert full(interval=2, warmup=3) == full(interval=2, warmup=3, schedule="diffusers")
+    with pytest.raises(ValueError, match="schedule 'x' not in"):
+        make_cache("taylorseer", num_steps=4, schedule="x")

@@ -291,7 +291,7 @@ def test_wan_io_backends_jvp_hooks(wan, inputs, tmp_path):
     with torch.no_grad():
         assert torch.equal(wan.run(x, t, text, hook=rec).velocity, base)
         zero = wan.run(x, t, text, hook=ZeroBlocks()).velocity
-    assert set(rec.keys) == {"modulated_input", "blocks", "double0.attn", "double0.mlp"}
+    assert set(rec.keys) == {"modulated_input", "blocks", "double0.attn", "double0.cross", "double0.mlp"}
     assert _max_diff(zero, base) > 1e-2
 
 

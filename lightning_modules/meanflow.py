@@ -3,7 +3,8 @@
 The student is the stage-1 model plus a second time input r (`enable_r_embedding`), so at r = t it
 starts equal to the stage-1 model. Per step:
 
-    t, r = sample_t_r(R)                       (I ~ U(0, R), r = max(0, t - I); R = 1 is MeanFlow)
+    t, r = sample_t_r(R)                       (I ~ U(0, R), r = max(0, t - I); or, with
+                                                t_r_sampler='meanflow', MeanFlow's own logit-normal pair)
     g ~ U(g_min, g_max),  x_t = (1 - t) x0 + t eps
     v     = M*(x_t, t, g)                      (frozen stage-1 model, no grad)
     du/dt = jvp(u_theta, (x_t, r, t), (v, 0, 1))   (no grad, math attention)
@@ -24,8 +25,8 @@ from datamodules.latent_video import batch_text
 from lightning_modules.common import (EMAStudentModule, check_guidance_range, finite_or_raise, freeze,
                                       sample_guidance, shard_generator)
 from losses.flow import interpolate
-from losses.meanflow import (check_restrict, integrate_mean_velocity, meanflow_dudt, meanflow_loss, meanflow_target,
-                             sample_t_r)
+from losses.meanflow import (LOSS_REDUCTIONS, check_restrict, check_t_r_sampler, integrate_mean_velocity,
+                             meanflow_dudt, meanflow_loss, meanflow_target, sample_t_r, sample_t_r_meanflow)
 from models.layers import ATTENTION_BACKENDS, attention_backend
 
 
@@ -40,6 +41,8 @@ class RestrictedMeanFlowModule(EMAStudentModule):
     def __init__(self, teacher: nn.Module, student: nn.Module | None = None, r_embed: str = "average",
                  restrict: float = 0.2, equal_fraction: float = 0.0, time_distribution: str = "uniform",
                  time_mean: float = 0.0, time_std: float = 1.0, time_shift: float = 1.0,
+                 t_r_sampler: str = "restricted", time_r_mean: float = -0.4, time_r_std: float = 1.0,
+                 loss_reduction: str = "mean",
                  guidance_min: float = 1.0, guidance_max: float = 8.0, adaptive_power: float = 0.0,
                  adaptive_eps: float = 1e-3, jvp_attention: str = "math", val_integration_steps: int = 8,
                  lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.99),
@@ -47,14 +50,21 @@ class RestrictedMeanFlowModule(EMAStudentModule):
                  grad_clip: float = 1.0, seed: int = 0):
         """`teacher`: the frozen stage-1 (guidance-distilled) model, which gives v. `student`: defaults
         to a copy of the teacher with `enable_r_embedding(r_embed)` ('average' | 'sum' | 'interval').
-        `restrict` is R; `equal_fraction` the share of r = t samples; `adaptive_power` p of the
-        adaptive loss weight (0 = plain MSE); `val_integration_steps` Euler steps of the reference
+        `restrict` is R; `equal_fraction` the share of r = t samples; `t_r_sampler` 'restricted'
+        (losses.meanflow.sample_t_r, DisCa) or 'meanflow' (sample_t_r_meanflow, MeanFlow as published:
+        t from logit-normal(time_mean, time_std), r from logit-normal(time_r_mean, time_r_std), sorted;
+        needs restrict = 1 and time_distribution 'logit_normal'); `adaptive_power` p of the adaptive
+        loss weight (0 = plain MSE) on each sample's error reduced by `loss_reduction` ('mean' | 'sum',
+        the official code's); `val_integration_steps` Euler steps of the reference
         mean velocity used by validation; `seed` keys the per-step draws (`shard_generator`)."""
         super().__init__()
         check_guidance_range(guidance_min, guidance_max)
         check_restrict(restrict, equal_fraction)
         if jvp_attention not in ATTENTION_BACKENDS:
             raise ValueError(f"jvp_attention {jvp_attention!r} not in {ATTENTION_BACKENDS}")
+        check_t_r_sampler(t_r_sampler, restrict, time_distribution, time_shift)
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction {loss_reduction!r} not in {LOSS_REDUCTIONS}")
         if adaptive_power < 0:
             raise ValueError(f"adaptive_power must be >= 0, got {adaptive_power}")
         if val_integration_steps < 1:
@@ -77,9 +87,15 @@ class RestrictedMeanFlowModule(EMAStudentModule):
         """x_t, t, r, g for a batch (all times and the guidance float32 (B,))."""
         hp, x0 = self.hparams, batch["latents"]
         b, device = x0.shape[0], x0.device
-        t, r = sample_t_r(b, hp.restrict, distribution=hp.time_distribution, mean=hp.time_mean, std=hp.time_std,
-                          shift=hp.time_shift, generator=generator, device=device,
-                          equal_fraction=hp.equal_fraction if equal_fraction is None else equal_fraction)
+        equal_fraction = hp.equal_fraction if equal_fraction is None else equal_fraction
+        if hp.t_r_sampler == "meanflow":
+            t, r = sample_t_r_meanflow(b, mean_t=hp.time_mean, std_t=hp.time_std, mean_r=hp.time_r_mean,
+                                       std_r=hp.time_r_std, equal_fraction=equal_fraction, generator=generator,
+                                       device=device)
+        else:
+            t, r = sample_t_r(b, hp.restrict, distribution=hp.time_distribution, mean=hp.time_mean,
+                              std=hp.time_std, shift=hp.time_shift, generator=generator, device=device,
+                              equal_fraction=equal_fraction)
         g = sample_guidance(b, hp.guidance_min, hp.guidance_max, generator, device)
         eps = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         return {"x_t": interpolate(x0, eps, t), "t": t, "r": r, "g": g}
@@ -97,7 +113,8 @@ class RestrictedMeanFlowModule(EMAStudentModule):
                 _, dudt = meanflow_dudt(u_fn, x_t, r, t, v)
             u_tgt = meanflow_target(v, dudt, t, r)
         u = u_fn(x_t, r, t)  # the only pass with autograd
-        loss, mse = meanflow_loss(u, u_tgt, self.hparams.adaptive_power, self.hparams.adaptive_eps)
+        loss, mse = meanflow_loss(u, u_tgt, self.hparams.adaptive_power, self.hparams.adaptive_eps,
+                                  self.hparams.loss_reduction)
         return {"loss": loss, "mse": mse, "v": v, "dudt": dudt, "u_tgt": u_tgt, "interval": t - r}
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:

@@ -12,6 +12,14 @@ i.e. the JVP of u_theta at (x_t, r, t) along the tangent (v, 0, 1). Training reg
 the stop-gradient of the right-hand side (Geng et al. 2025, Eqs. 9-10; DisCa Eq. 2, Algorithm 2).
 DisCa's Restricted MeanFlow samples the interval I = t - r in [0, R] only (DisCa Eq. 3).
 
+Two (t, r) samplers (`T_R_SAMPLERS`):
+- 'restricted' (`sample_t_r`, DisCa Algorithm 2): t, I ~ U(0, R), r = max(0, t - I). With R = 1
+  this is NOT MeanFlow's recipe: P(r = 0) = 1/2, P(r = t) = 0 without a forced share.
+- 'meanflow' (`sample_t_r_meanflow`, MeanFlow as published: the official py-meanflow,
+  `meanflow/models/time_sampler.py`, `sample_two_timesteps_t_r_v0`): two independent logit-normal
+  times, sorted so t >= r, then r = t with probability `equal_fraction` (py-meanflow's `ratio` is
+  the share of r != t; its default 0.75 leaves 25 % of pairs at r = t).
+
 Times t, r are float32 (B,) throughout; tensors are (B, ...) with any trailing shape.
 """
 from __future__ import annotations
@@ -24,12 +32,28 @@ from torch import Tensor
 from losses.flow import expand_time, sample_time
 
 
+T_R_SAMPLERS = ("restricted", "meanflow")
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
 def check_restrict(restrict: float, equal_fraction: float = 0.0) -> None:
-    """Validate the restrict factor R (0 < R <= 1; R = 1 is the original MeanFlow) and the share of r = t pairs."""
+    """Validate the restrict factor R (0 < R <= 1; R = 1: intervals over all of [0, 1]) and the share of
+    r = t pairs."""
     if not 0.0 < restrict <= 1.0:
-        raise ValueError(f"restrict factor R must be in (0, 1] (R = 1 is the original MeanFlow), got {restrict}")
+        raise ValueError(f"restrict factor R must be in (0, 1] (R = 1: intervals over all of [0, 1]), got {restrict}")
     if not 0.0 <= equal_fraction <= 1.0:
         raise ValueError(f"equal_fraction (share of r = t samples) must be in [0, 1], got {equal_fraction}")
+
+
+def check_t_r_sampler(sampler: str, restrict: float, time_distribution: str, time_shift: float = 1.0) -> None:
+    """The 'meanflow' sampler draws both times from logit-normals over all of [0, 1]: it takes no R < 1,
+    no other t distribution and no shift (those belong to the 'restricted' sampler)."""
+    if sampler not in T_R_SAMPLERS:
+        raise ValueError(f"t_r_sampler {sampler!r} not in {T_R_SAMPLERS}")
+    if sampler == "meanflow" and (restrict != 1.0 or time_distribution != "logit_normal" or time_shift != 1.0):
+        raise ValueError("t_r_sampler 'meanflow' (MeanFlow's logit-normal pair) needs restrict=1.0, "
+                         f"time_distribution='logit_normal' and time_shift=1.0; got restrict={restrict}, "
+                         f"time_distribution={time_distribution!r}, time_shift={time_shift}")
 
 
 def sample_t_r(batch: int, restrict: float, *, distribution: str = "uniform", mean: float = 0.0, std: float = 1.0,
@@ -37,7 +61,8 @@ def sample_t_r(batch: int, restrict: float, *, distribution: str = "uniform", me
                device=None) -> tuple[Tensor, Tensor]:
     """Restricted MeanFlow time pairs (DisCa Algorithm 2, line 2): t from `sample_time`,
     I ~ U(0, R), r = max(0, t - I); then exactly round(equal_fraction * batch) random samples get r = t
-    (MeanFlow trains a share of r = t pairs, which is plain velocity matching). R = 1 is MeanFlow."""
+    (plain velocity matching). With uniform t: P(r = 0) = (1 - f) R / 2 and
+    E[t - r] = (1 - f)(R / 2 - R^2 / 6) for the share f = equal_fraction."""
     check_restrict(restrict, equal_fraction)
     t = sample_time(batch, distribution, mean=mean, std=std, shift=shift, generator=generator, device=device)
     interval = restrict * torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
@@ -47,6 +72,25 @@ def sample_t_r(batch: int, restrict: float, *, distribution: str = "uniform", me
         idx = torch.randperm(batch, generator=generator, device=device)[:n_equal]
         r[idx] = t[idx]
     return t, r  # (B,), (B,) float32, 0 <= r <= t, t - r <= R
+
+
+def sample_t_r_meanflow(batch: int, *, mean_t: float = -0.4, std_t: float = 1.0, mean_r: float = -0.4,
+                        std_r: float = 1.0, equal_fraction: float = 0.25, generator: torch.Generator | None = None,
+                        device=None) -> tuple[Tensor, Tensor]:
+    """MeanFlow's own (t, r) sampler (Geng et al. 2025, section 4.3; official py-meanflow
+    `time_sampler.py`, v0): t' ~ logit-normal(mean_t, std_t), r' ~ logit-normal(mean_r, std_r),
+    t = max(t', r'), r = min(t', r'); then each pair independently gets r = t with probability
+    `equal_fraction`. The defaults are the paper's ImageNet setting (lognorm(-0.4, 1.0), 25 % r = t)."""
+    if not 0.0 <= equal_fraction <= 1.0:
+        raise ValueError(f"equal_fraction (share of r = t samples) must be in [0, 1], got {equal_fraction}")
+    for name, std in (("std_t", std_t), ("std_r", std_r)):
+        if std <= 0:
+            raise ValueError(f"{name} of the logit-normal must be > 0, got {std}")
+    a = sample_time(batch, "logit_normal", mean=mean_t, std=std_t, generator=generator, device=device)
+    b = sample_time(batch, "logit_normal", mean=mean_r, std=std_r, generator=generator, device=device)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    equal = torch.rand(batch, generator=generator, device=device, dtype=torch.float32) < equal_fraction
+    return t, torch.where(equal, t, r)  # (B,), (B,) float32, 0 < r <= t < 1
 
 
 def meanflow_dudt(u_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, r: Tensor, t: Tensor,
@@ -79,12 +123,19 @@ def adaptive_weight(err_sq: Tensor, power: float, eps: float = 1e-3) -> Tensor:
     return (err_sq.detach() + eps).pow(-power)
 
 
-def meanflow_loss(u: Tensor, u_tgt: Tensor, power: float = 0.0, eps: float = 1e-3) -> tuple[Tensor, Tensor]:
-    """|| u_theta - sg(u_tgt) ||^2 (MeanFlow Eq. 9; DisCa Eq. 2), per sample the mean over elements,
-    weighted by `adaptive_weight` (p = power). Returns (weighted loss, unweighted mse), both scalars."""
-    err_sq = (u.float() - u_tgt.detach().float()).pow(2).flatten(1).mean(1)  # (B,)
-    weighted = adaptive_weight(err_sq, power, eps) * err_sq if power else err_sq
-    return weighted.mean(), err_sq.mean()
+def meanflow_loss(u: Tensor, u_tgt: Tensor, power: float = 0.0, eps: float = 1e-3,
+                  reduction: str = "mean") -> tuple[Tensor, Tensor]:
+    """|| u_theta - sg(u_tgt) ||^2 (MeanFlow Eq. 9; DisCa Eq. 2) per sample, weighted by
+    `adaptive_weight` (p = power) and averaged over the batch. `reduction` is how a sample's squared
+    error is reduced before weighting: 'mean' over its elements, or 'sum' (the official py-meanflow,
+    `meanflow/models/meanflow.py`: `loss.sum(dim=(1, 2, 3))`, then `loss / (loss.detach() + eps)^p`).
+    Returns (weighted loss, unweighted per-element mse), both scalars."""
+    if reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss reduction {reduction!r} not in {LOSS_REDUCTIONS}")
+    err = (u.float() - u_tgt.detach().float()).pow(2).flatten(1)
+    per_sample = err.sum(1) if reduction == "sum" else err.mean(1)  # (B,)
+    weighted = adaptive_weight(per_sample, power, eps) * per_sample if power else per_sample
+    return weighted.mean(), err.mean()
 
 
 def integrate_mean_velocity(v_fn: Callable[[Tensor, Tensor], Tensor], x_t: Tensor, t: Tensor, r: Tensor,

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from losses.flow import interpolate
-from losses.meanflow import (adaptive_weight, integrate_mean_velocity, meanflow_dudt, meanflow_loss,
-                             meanflow_target, sample_t_r)
+from losses.meanflow import (adaptive_weight, check_t_r_sampler, integrate_mean_velocity, meanflow_dudt,
+                             meanflow_loss, meanflow_target, sample_t_r, sample_t_r_meanflow)
 from models.layers import attention_backend
 from models.mmdit import MMDiT
 from models.protocol import TextCond
@@ -52,6 +52,70 @@ def test_sample_t_r_rejects_bad_values(kwargs, match):
         sample_t_r(4, **kwargs)
 
 
+# --- the two samplers' distributions, pinned -------------------------------------------------------------
+N_PAIRS = 200_000
+
+
+def _binomial_tol(p: float, n: int = N_PAIRS) -> float:
+    return 5 * (p * (1 - p) / n) ** 0.5 + 1e-12
+
+
+def _logit_normal_cdf(x: Tensor, mean: float, std: float) -> Tensor:
+    return 0.5 * (1 + torch.erf((torch.logit(x) - mean) / (std * 2 ** 0.5)))
+
+
+def _expected_gap(mean_a: float, std_a: float, mean_b: float, std_b: float) -> float:
+    """E|A - B| = int_0^1 F_A + F_B - 2 F_A F_B dx for independent logit-normals A, B (quadrature)."""
+    x = torch.linspace(0, 1, 400_001, dtype=torch.float64)[1:-1]
+    fa, fb = _logit_normal_cdf(x, mean_a, std_a), _logit_normal_cdf(x, mean_b, std_b)
+    return torch.trapezoid(fa + fb - 2 * fa * fb, x).item()
+
+
+@pytest.mark.parametrize("restrict, share", [(0.2, 0.0), (1.0, 0.0), (1.0, 0.25)])
+def test_restricted_sampler_distribution(restrict, share):
+    """DisCa's sampler, uniform t: P(r = t) = the forced share f exactly, P(r = 0) = (1 - f) R / 2,
+    E[t - r] = (1 - f)(R / 2 - R^2 / 6). At R = 1: P(r = 0) = 1/2, P(r = t) = 0 without a share."""
+    t, r = sample_t_r(N_PAIRS, restrict, equal_fraction=share, generator=torch.Generator().manual_seed(3))
+    p_zero = (1 - share) * restrict / 2
+    assert (r == t).float().mean().item() == pytest.approx(round(share * N_PAIRS) / N_PAIRS, abs=1e-9)
+    assert abs((r == 0).float().mean().item() - p_zero) < _binomial_tol(p_zero)
+    assert abs((t - r).mean().item() - (1 - share) * (restrict / 2 - restrict ** 2 / 6)) < 2e-3
+
+
+@pytest.mark.parametrize("share, means", [(0.25, (-0.4, -0.4)), (0.0, (-0.4, -0.4)), (0.5, (0.0, -2.0))])
+def test_meanflow_sampler_distribution(share, means):
+    """MeanFlow's sampler: P(r = t) = the share (Bernoulli per pair), P(r = 0) = 0, t >= r, and
+    E[t - r] = (1 - share) E|A - B| for the two logit-normal draws A, B (computed by quadrature)."""
+    mean_t, mean_r = means
+    t, r = sample_t_r_meanflow(N_PAIRS, mean_t=mean_t, mean_r=mean_r, equal_fraction=share,
+                               generator=torch.Generator().manual_seed(4))
+    assert t.dtype == r.dtype == torch.float32 and (t >= r).all() and (r > 0).all() and (t < 1).all()
+    assert abs((r == t).float().mean().item() - share) < _binomial_tol(share)
+    assert (r == 0).sum() == 0
+    expected = (1 - share) * _expected_gap(mean_t, 1.0, mean_r, 1.0)
+    assert abs((t - r).mean().item() - expected) < 2e-3, ((t - r).mean().item(), expected)
+    # the default is the paper's: lognorm(-0.4, 1.0) pairs, 25 % r = t; its mean interval, pinned
+    if means == (-0.4, -0.4) and share == 0.25:
+        assert expected == pytest.approx(0.1751, abs=1e-4)  # vs 1/3 for the restricted sampler at R = 1
+        # t = the larger of two draws: its median m has F(m)^2 = 1/2
+        median = torch.sigmoid(-0.4 + torch.special.ndtri(torch.tensor(0.5 ** 0.5))).item()
+        assert abs(torch.median(t[t != r]).item() - median) < 0.01
+
+
+def test_sampler_settings_are_checked():
+    with pytest.raises(ValueError, match="equal_fraction"):
+        sample_t_r_meanflow(4, equal_fraction=1.5)
+    with pytest.raises(ValueError, match="std_r"):
+        sample_t_r_meanflow(4, std_r=0.0)
+    with pytest.raises(ValueError, match="t_r_sampler 'uniform' not in"):
+        check_t_r_sampler("uniform", 1.0, "logit_normal")
+    with pytest.raises(ValueError, match="needs restrict=1.0"):
+        check_t_r_sampler("meanflow", 0.2, "logit_normal")
+    with pytest.raises(ValueError, match="time_distribution='logit_normal'"):
+        check_t_r_sampler("meanflow", 1.0, "uniform")
+    check_t_r_sampler("restricted", 0.2, "uniform")
+
+
 # --- target and loss -------------------------------------------------------------------------------------
 def test_meanflow_target_formula():
     v = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
@@ -86,6 +150,22 @@ def test_meanflow_loss_weighting_and_stop_gradient():
     loss_w, mse_w = meanflow_loss(u, u_tgt.detach(), power=1.0, eps=1e-3)
     torch.testing.assert_close(loss_w, torch.tensor((1 / 1.001 + 2 / 2.001) / 2))
     torch.testing.assert_close(mse_w, mse)
+
+
+def test_meanflow_loss_sum_reduction_is_the_official_weighting():
+    """py-meanflow: per-sample loss = SUM of squared error, divided by (loss.detach() + 1e-3)^p, batch mean."""
+    gen = torch.Generator().manual_seed(0)
+    u, u_tgt = torch.randn(3, 2, 4, generator=gen, requires_grad=True), torch.randn(3, 2, 4, generator=gen)
+    per_sample = (u - u_tgt).pow(2).sum(dim=(1, 2))
+    for p in (0.5, 1.0):
+        loss, mse = meanflow_loss(u, u_tgt, power=p, eps=1e-3, reduction="sum")
+        torch.testing.assert_close(loss, (per_sample / (per_sample.detach() + 1e-3) ** p).mean())
+        torch.testing.assert_close(mse, (u - u_tgt).pow(2).mean())  # logged on the per-element scale
+    (grad,) = torch.autograd.grad(loss, u)  # p = 1: the weight is stop-gradient, so d/du = w * 2 (u - u_tgt) / B
+    w = 1 / (per_sample.detach() + 1e-3)
+    torch.testing.assert_close(grad, w[:, None, None] * 2 * (u - u_tgt).detach() / 3)
+    with pytest.raises(ValueError, match="reduction 'max'"):
+        meanflow_loss(u, u_tgt, reduction="max")
 
 
 def test_meanflow_dudt_rejects_non_float32_times():

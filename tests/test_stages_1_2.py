@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import train
+from datamodules.latent_video import batch_text
 from lightning_modules.cfg_distill import CFGDistillModule
 from lightning_modules.meanflow import RestrictedMeanFlowModule
 from models.io import load_backbone
@@ -87,6 +88,24 @@ def test_meanflow_target_at_r_equal_t_is_the_teacher_velocity():
     assert terms["dudt"].abs().mean() > 0
 
 
+def test_meanflow_sampler_option_draws_logit_normal_pairs_and_sums_the_error():
+    """t_r_sampler='meanflow': sorted logit-normal pairs with a share of r = t (no r = 0), and the loss is
+    the official weighting of each sample's summed squared error."""
+    module = RestrictedMeanFlowModule(distilled_teacher(), t_r_sampler="meanflow", restrict=1.0,
+                                      time_distribution="logit_normal", time_mean=-0.4, equal_fraction=0.5,
+                                      adaptive_power=1.0, loss_reduction="sum")
+    s = module.sample_inputs({"latents": torch.zeros(4000, 1)}, torch.Generator().manual_seed(0))
+    t, r = s["t"], s["r"]
+    assert (t >= r).all() and (r > 0).all() and abs((r == t).float().mean().item() - 0.5) < 0.04
+    batch = tiny_batch()
+    terms = module.loss_terms(batch, torch.Generator().manual_seed(1))
+    s = module.sample_inputs(batch, torch.Generator().manual_seed(1))  # the same draws
+    with torch.no_grad():
+        u = module.student.run(s["x_t"], s["t"], batch_text(batch), r=s["r"], guidance=s["g"]).velocity
+    err = (u - terms["u_tgt"]).pow(2).flatten(1).sum(1)
+    torch.testing.assert_close(terms["loss"], (err / (err.detach() + 1e-3)).mean())
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(restrict=0.0), "restrict factor"),
     (dict(restrict=1.2), "restrict factor"),
@@ -95,6 +114,9 @@ def test_meanflow_target_at_r_equal_t_is_the_teacher_velocity():
     (dict(guidance_min=5.0, guidance_max=2.0), "guidance_min"),
     (dict(adaptive_power=-1.0), "adaptive_power"),
     (dict(r_embed="concat"), "r_embed mode"),
+    (dict(t_r_sampler="meanflow"), "needs restrict=1.0"),  # the default restrict is 0.2
+    (dict(t_r_sampler="logit"), "t_r_sampler 'logit' not in"),
+    (dict(loss_reduction="max"), "loss_reduction"),
 ])
 def test_meanflow_module_rejects_bad_settings(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -159,7 +181,8 @@ def test_samplers_run_on_both_students(tiny_video):
 
 
 # --- the smoke configs through the real CLI -----------------------------------------------------------------------
-@pytest.mark.parametrize("stage, extra", [("cfg_distill", "guidance_embed"), ("restricted_meanflow", "r_embed")])
+@pytest.mark.parametrize("stage, extra", [("cfg_distill", "guidance_embed"), ("restricted_meanflow", "r_embed"),
+                                          ("meanflow", "r_embed")])
 def test_smoke_config_trains_and_exports(stage, extra, tmp_path: Path):
     metrics = train.main(["--config", f"configs/smoke/{stage}.yaml", "--trainer.default_root_dir", str(tmp_path)])
     assert torch.isfinite(torch.tensor(metrics["train/loss"]))
@@ -167,7 +190,7 @@ def test_smoke_config_trains_and_exports(stage, extra, tmp_path: Path):
     model = load_backbone(tmp_path / "export")
     assert model.config[extra] not in (None, False)
     assert model.config["guidance_embed"]
-    if stage == "restricted_meanflow":
+    if stage in ("restricted_meanflow", "meanflow"):
         assert {"train/mse", "train/dudt_abs", "train/interval", "val/u_error", "val/v_as_u_error"} <= set(metrics)
     else:
         assert "val/loss" in metrics

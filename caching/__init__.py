@@ -13,6 +13,9 @@ Methods (`CACHE_METHODS`): 'none' (reference), 'fora', 'delta_dit', 'pab', 'teac
 'taylorseer'. They work in every ModelVelocity mode: with CFG the cond and uncond halves run in
 one batched call, so one cache entry serves both (and counts 2 NFE per full call).
 
+diffusers' own block caches (First Block Cache, MagCache with its calibration pass) are baselines for the
+diffusers backbones only: caching/diffusers_caches.py (`DiffusersCache`, `calibrate_magcache`).
+
 The fewer-steps baseline is not a cache: sample with `make_cache("none", num_steps=k)` on
 `time_grid(k, shift)` (e.g. the 50-step original at 10 steps is 5x fewer NFE); its `cache_cost`
 then reports NFE and FLOPs on the same scale as the caches.

@@ -21,6 +21,8 @@ with each key's FLOPs counted once (torch.utils.flop_counter on its `fn` in the 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable
 
@@ -42,6 +44,20 @@ def flop_counter() -> FlopCounterMode:
     GPU runs report the same theoretical FLOPs. Nested counters each see the ops inside them."""
     return FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops})
+
+
+def model_fingerprint(model: torch.nn.Module, samples: int = 256) -> str:
+    """A short id of a model's config and weights, to tie a calibration file to the model it was fitted
+    on: sha256 over the config and every parameter and buffer's name, shape, dtype and the exact bytes of
+    up to `samples` evenly spaced elements. Cheap (no full copy), device-independent (exact values, no
+    float sums), and changed by any retraining; the same export loaded twice gives the same id."""
+    digest = hashlib.sha256(json.dumps(getattr(model, "config", None), sort_keys=True, default=str).encode())
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        flat = tensor.detach().reshape(-1)
+        idx = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel()), device=flat.device).long()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(flat[idx].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def tensor_bytes(tensors: Iterable[Tensor]) -> int:

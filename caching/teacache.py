@@ -40,17 +40,29 @@ def relative_l1(x: Tensor, previous: Tensor) -> float:
     return float((x - previous).abs().mean() / previous.abs().mean())
 
 
-def load_coefficients(path: str | Path, num_steps: int | None = None) -> list[float]:
-    """Coefficients from a calibration JSON; checks it was fitted for `num_steps` when given."""
+def load_coefficients(path: str | Path, num_steps: int | None = None, *, model_fingerprint: str | None = None,
+                      mode: str | None = None, shift: float | None = None) -> list[float]:
+    """Coefficients from a calibration JSON. Each given expectation is checked against what the file was
+    fitted for, and a mismatch is refused (the polynomial is per model, sampler and step count):
+    `num_steps`, `model_fingerprint` (caching.base.model_fingerprint of the model it will run on),
+    `mode` (ModelVelocity mode) and `shift` (of the time grid)."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"TeaCache calibration file {str(p)!r} not found (run calibrate_teacache.py)")
     data = json.loads(p.read_text())
     if "coefficients" not in data:
         raise ValueError(f"{p} has no 'coefficients': not a TeaCache calibration file")
-    if num_steps is not None and data.get("num_steps") not in (None, num_steps):
-        raise ValueError(f"{p} was calibrated for num_steps={data['num_steps']}, but the cache is for "
-                         f"num_steps={num_steps}: calibrate for this step count")
+    redo = "re-run calibrate_teacache.py for this model, sampler and step count"
+    if num_steps is not None and data.get("num_steps") != num_steps:
+        raise ValueError(f"{p} was calibrated for num_steps={data.get('num_steps')}, but the cache is for "
+                         f"num_steps={num_steps}: {redo}")
+    if model_fingerprint is not None and data.get("model_fingerprint") != model_fingerprint:
+        raise ValueError(f"{p} was calibrated on another model (fingerprint {data.get('model_fingerprint')}, this "
+                         f"model's is {model_fingerprint}): {redo}")
+    if mode is not None and data.get("mode") != mode:
+        raise ValueError(f"{p} was calibrated for sampler mode {data.get('mode')!r}, not {mode!r}: {redo}")
+    if shift is not None and data.get("shift") != float(shift):
+        raise ValueError(f"{p} was calibrated on a grid with shift {data.get('shift')}, not {shift}: {redo}")
     return [float(c) for c in data["coefficients"]]
 
 
@@ -58,14 +70,16 @@ class TeaCache(CacheHook):
     name = "teacache"
 
     def __init__(self, num_steps: int, threshold: float = 0.15, coefficients: Sequence[float] | None = None,
-                 calibration: str | Path | None = None, *, count_flops: bool = True):
+                 calibration: str | Path | None = None, *, model_fingerprint: str | None = None,
+                 count_flops: bool = True):
         """Give exactly one of `coefficients` (highest degree first; `[1.0, 0.0]` = no rescaling) or
-        `calibration` (a JSON written by caching.teacache_calibration)."""
+        `calibration` (a JSON written by caching.teacache_calibration; refused unless fitted for
+        `num_steps`, and for the model of `model_fingerprint` when given)."""
         if (coefficients is None) == (calibration is None):
             raise ValueError("TeaCache needs exactly one of coefficients=[...] (highest degree first) or "
                              "calibration='teacache_<mode>_<steps>.json' (see calibrate_teacache.py)")
         if calibration is not None:
-            coefficients = load_coefficients(calibration, num_steps)
+            coefficients = load_coefficients(calibration, num_steps, model_fingerprint=model_fingerprint)
         coefficients = [float(c) for c in coefficients]
         if not coefficients:
             raise ValueError("TeaCache coefficients must not be empty")

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from caching.base import model_fingerprint
 from models.protocol import FeatureHook, TextCond
 from sampling.sampler import ModelVelocity, sample, time_grid
 
@@ -117,6 +118,7 @@ class TeaCacheCalibration:
     num_points: int
     x_range: tuple[float, float]
     rmse: float
+    model_fingerprint: str  # caching.base.model_fingerprint of the calibrated model (checked on load)
 
     def save(self, path: str | Path) -> Path:
         p = Path(path)
@@ -136,4 +138,5 @@ def calibrate_teacache(model: nn.Module, text: TextCond, noise: Tensor, *, num_s
     coefficients = fit_rescale_polynomial(x, y, degree)
     rmse = float(np.sqrt(np.mean((np.polyval(coefficients, x) - y) ** 2)))
     return TeaCacheCalibration(coefficients, degree, mode, num_steps, float(shift), cfg_scale, guidance,
-                               text.batch_size, int(x.size), (float(x.min()), float(x.max())), rmse)
+                               text.batch_size, int(x.size), (float(x.min()), float(x.max())), rmse,
+                               model_fingerprint(model))

@@ -8,6 +8,8 @@ Kinds (SPEC §5, the rows of the paper's Tables 1-4):
 | cfg_distilled | `ModelVelocity(mode='plain', guidance)` (stage 1 student)         | 1            |
 | meanflow      | `ModelVelocity(mode='meanflow', guidance)` (stage 2 student)      | 1            |
 | cache         | one of the above (`base`) with a training-free cache hook        | < base       |
+|               | (caching.CACHE_METHODS), or diffusers' own block caches 'fbcache' / |              |
+|               | 'magcache' (caching/diffusers_caches.py; diffusers backbones only) |              |
 | disca         | `sampling.cached.CachedVelocity`: full DiT on scheduled steps,    | 1 or 0       |
 |               | the learned predictor from the cached hidden state in between    | (+predictor) |
 
@@ -31,6 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from caching.diffusers_caches import DIFFUSERS_CACHES
 from evaluation import efficiency
 from models.io import CONFIG_NAME, load_backbone
 from models.protocol import TextCond
@@ -42,6 +45,7 @@ ABLATION_KEYS = ("restricted_meanflow", "learnable_predictor", "gan")  # the pap
 VELOCITY_MODES = {"teacher_cfg": "cfg", "cfg_distilled": "plain", "meanflow": "meanflow"}
 RANDOM_PREFIX = "random:"
 RANDOM_STD = 0.05  # std of the perturbation added to every weight of a random model
+MAGCACHE_CALIBRATION_PROMPTS = 4  # prompts (and their noise) of MagCache's calibration pass
 
 
 class MissingExport(FileNotFoundError):
@@ -69,7 +73,9 @@ class MethodSpec:
     base: str | None = None
     """cache: the sampler it accelerates (teacher_cfg | cfg_distilled | meanflow)"""
     cache: str | None = None
-    """cache: name in caching.CACHE_METHODS (fora, delta_dit, pab, teacache, taylorseer)"""
+    """cache: name in caching.CACHE_METHODS (fora, delta_dit, pab, teacache, taylorseer) or one of diffusers'
+    block caches (fbcache, magcache: diffusers backbones, teacher_cfg / cfg_distilled bases; MagCache runs its
+    calibration pass on the benchmark's first prompts unless `mag_ratios` is given)"""
     cache_kwargs: dict = field(default_factory=dict)
     """cache: its parameters (interval, threshold, ...)"""
     predictor: str | None = None
@@ -104,6 +110,9 @@ class MethodSpec:
                 raise ValueError(f"method {self.name!r}: a cache method needs base in {BASE_KINDS}, got {self.base!r}")
             if not self.cache:
                 raise ValueError(f"method {self.name!r}: a cache method needs `cache` (a caching.CACHE_METHODS name)")
+            if self.cache in DIFFUSERS_CACHES and self.base == "meanflow":
+                raise ValueError(f"method {self.name!r}: diffusers' {self.cache!r} runs diffusers' own forward, which "
+                                 "has no r input: use base teacher_cfg or cfg_distilled")
         elif self.base is not None or self.cache is not None:
             raise ValueError(f"method {self.name!r}: base/cache only apply to kind 'cache', not {self.kind!r}")
         if self.sampler_kind == "teacher_cfg" and self.cfg_scale is None:
@@ -181,6 +190,13 @@ def check_capabilities(spec: MethodSpec, model: nn.Module) -> None:
     if spec.sampler_kind == "meanflow" and "r_embed" in cfg and not cfg["r_embed"]:
         raise ValueError(f"method {spec.name!r} samples with MeanFlow but the model in {spec.model!r} has no r "
                          "embedding (r_embed is null): give a stage-2 (Restricted MeanFlow) export")
+    if spec.kind == "cache" and spec.cache in DIFFUSERS_CACHES:
+        from caching.diffusers_caches import check_diffusers_backbone
+
+        try:
+            check_diffusers_backbone(model, spec.cache)
+        except ValueError as err:
+            raise ValueError(f"method {spec.name!r}: {err}") from err
     distilled = cfg.get("guidance_embed")
     if distilled is True and spec.guidance is None:
         raise ValueError(f"method {spec.name!r}: the model in {spec.model!r} is guidance-distilled; set `guidance`")
@@ -196,6 +212,8 @@ class ModelStore:
         self.device, self.seed = device, seed
         self.backbones: dict[str, nn.Module] = {}
         self.predictors: dict[tuple[str, str], nn.Module] = {}
+        self.fingerprints: dict[int, str] = {}
+        self.mag_ratios: dict[str, list[float]] = {}  # calibration key -> MagCache ratios
 
     def backbone(self, spec: MethodSpec) -> nn.Module:
         if spec.is_random:
@@ -240,6 +258,32 @@ class ModelStore:
             self.predictors[key] = pred.to(self.device).eval().requires_grad_(False)
         return self.predictors[key]
 
+    def fingerprint(self, model: nn.Module) -> str:
+        """caching.base.model_fingerprint of a loaded model, computed once."""
+        from caching.base import model_fingerprint
+
+        if id(model) not in self.fingerprints:
+            self.fingerprints[id(model)] = model_fingerprint(model)
+        return self.fingerprints[id(model)]
+
+    def calibrate(self, spec: MethodSpec, prompts: "PromptSet") -> None:
+        """Run what a method must calibrate before it samples: MagCache's calibration pass (diffusers'
+        `MagCacheConfig(calibrate=True)`, one uncached run on the first prompts of `prompts`), once per
+        model, sampler and grid. A no-op for every other method."""
+        if spec.kind != "cache" or spec.cache != "magcache" or "mag_ratios" in spec.cache_kwargs:
+            return
+        key = _calibration_key(spec)
+        if key in self.mag_ratios:
+            return
+        from caching.diffusers_caches import calibrate_magcache
+
+        n = min(MAGCACHE_CALIBRATION_PROMPTS, prompts.noise.shape[0])
+        mode = VELOCITY_MODES[spec.sampler_kind]
+        self.mag_ratios[key] = calibrate_magcache(
+            self.backbone(spec), prompts.text.index(slice(0, n)), prompts.noise[:n],
+            time_grid(spec.num_steps, spec.shift, device=prompts.noise.device), mode=mode, cfg_scale=spec.cfg_scale,
+            null_text=prompts.null_text if mode == "cfg" else None, guidance=spec.guidance if mode != "cfg" else None)
+
     def modules(self, spec: MethodSpec) -> list[nn.Module]:
         """Every module a method runs (for weight bytes)."""
         backbone = self.backbone(spec)
@@ -259,12 +303,36 @@ def make_velocity(spec: MethodSpec, store: ModelStore, text: TextCond, null_text
                   guidance=spec.guidance if mode != "cfg" else None)
     if spec.kind in BASE_KINDS:
         return ModelVelocity(backbone, text, **common)
+    if spec.kind == "cache" and spec.cache in DIFFUSERS_CACHES:
+        from caching.diffusers_caches import DiffusersCache
+
+        kwargs = dict(spec.cache_kwargs)
+        if spec.cache == "magcache" and "mag_ratios" not in kwargs:
+            key = _calibration_key(spec)
+            if key not in store.mag_ratios:
+                raise ValueError(f"method {spec.name!r}: MagCache is not calibrated for this model and grid yet; call "
+                                 "store.calibrate(spec, prompts) first (generate and benchmark do)")
+            kwargs["mag_ratios"] = store.mag_ratios[key]
+        cache = DiffusersCache(backbone, spec.cache, spec.num_steps, **kwargs)
+        return ModelVelocity(cache, text, hook=cache, **common)
     if spec.kind == "cache":
         from caching import make_cache
 
-        hook = make_cache(spec.cache, num_steps=spec.num_steps, count_flops=count_flops, **spec.cache_kwargs)
+        kwargs = dict(spec.cache_kwargs)
+        if spec.cache == "teacache" and kwargs.get("calibration"):  # refuse another model's calibration
+            kwargs["model_fingerprint"] = store.fingerprint(backbone)
+        try:
+            hook = make_cache(spec.cache, num_steps=spec.num_steps, count_flops=count_flops, **kwargs)
+        except ValueError as err:
+            raise ValueError(f"method {spec.name!r}: {err}") from err
         return ModelVelocity(backbone, text, hook=hook, **common)
     return _disca_velocity(spec, store, backbone, text)
+
+
+def _calibration_key(spec: MethodSpec) -> str:
+    """What a calibration depends on: the model, the sampler and its grid."""
+    return json.dumps([spec.model, spec.random_config, spec.sampler_kind, spec.num_steps, spec.shift, spec.cfg_scale,
+                       spec.guidance], default=str)
 
 
 def _disca_velocity(spec: MethodSpec, store: ModelStore, backbone: nn.Module, text: TextCond):
@@ -304,15 +372,24 @@ def check_available(spec: MethodSpec) -> None:
 
 def check_files(spec: MethodSpec) -> None:
     """MissingExport for a file a method needs besides its exports (a TeaCache calibration), with the
-    command that writes it."""
+    command that writes it; ValueError when that calibration was fitted for another step count, sampler
+    mode or grid shift (its model fingerprint is checked when the model is loaded, in make_velocity)."""
     calibration = spec.cache_kwargs.get("calibration") if spec.kind == "cache" else None
-    if calibration and not Path(calibration).is_file():
-        mode = VELOCITY_MODES[spec.sampler_kind]
-        scale = f"--cfg_scale {spec.cfg_scale}" if mode == "cfg" else f"--guidance {spec.guidance}"
-        raise MissingExport(
-            f"method {spec.name!r}: TeaCache calibration {calibration!r} not found; write it with `python "
-            f"calibrate_teacache.py --model_dir {spec.model} --data_dir <data dir> --num_steps {spec.num_steps} "
-            f"--mode {mode} {scale} --shift {spec.shift} --out {calibration}`")
+    if not calibration:
+        return
+    mode = VELOCITY_MODES[spec.sampler_kind]
+    scale = f"--cfg_scale {spec.cfg_scale}" if mode == "cfg" else f"--guidance {spec.guidance}"
+    command = (f"python calibrate_teacache.py --model_dir {spec.model} --data_dir <data dir> --num_steps "
+               f"{spec.num_steps} --mode {mode} {scale} --shift {spec.shift} --out {calibration}")
+    if not Path(calibration).is_file():
+        raise MissingExport(f"method {spec.name!r}: TeaCache calibration {calibration!r} not found; write it with "
+                            f"`{command}`")
+    from caching.teacache import load_coefficients
+
+    try:  # fitted for this step count and sampler? (the model itself is checked when it is loaded)
+        load_coefficients(calibration, spec.num_steps, mode=mode, shift=spec.shift)
+    except ValueError as err:
+        raise ValueError(f"method {spec.name!r}: {err} (`{command}`)") from err
 
 
 # --- the prompt set and the two ways a method is run ------------------------------------------------
@@ -357,6 +434,7 @@ def load_prompt_set(data_dir: str, num_videos: int, seeds: list[int], device: to
 
 def generate(spec: MethodSpec, store: ModelStore, prompts: PromptSet, batch_size: int) -> Tensor:
     """(N, C, F, H, W) float32 CPU videos of the whole prompt set, a fresh velocity per batch."""
+    store.calibrate(spec, prompts)
     grid = time_grid(spec.num_steps, spec.shift, device=prompts.noise.device)
     out = []
     for start in tqdm(range(0, prompts.noise.shape[0], batch_size), desc=f"{spec.name}: sampling", leave=False):
@@ -369,6 +447,7 @@ def generate(spec: MethodSpec, store: ModelStore, prompts: PromptSet, batch_size
 def benchmark(spec: MethodSpec, store: ModelStore, prompts: PromptSet, device: torch.device, *,
               batch_size: int = 1, warmup: int = 1, repeats: int = 3) -> efficiency.Efficiency:
     """Efficiency of sampling the first `batch_size` prompts (efficiency.measure: NFE, FLOPs, latency, memory)."""
+    store.calibrate(spec, prompts)
     grid = time_grid(spec.num_steps, spec.shift, device=device)
     text, noise = prompts.text.index(slice(0, batch_size)), prompts.noise[:batch_size]
 

@@ -531,6 +531,26 @@ class HunyuanVideoBackbone(DiffusersAdapter):
         hidden = x0 + hook.delta("blocks", run_all)
         return hidden, features
 
+    def native_forward(self, x: Tensor, t: Tensor, text: TextCond, guidance: Tensor | None = None) -> Tensor:
+        """The velocity from diffusers' OWN forward (`HunyuanVideoTransformer3DModel.forward`, its blocks
+        and attention processors) with this adapter's conventions (t * 1000, guidance * 1000): what
+        diffusers' block-level cache hooks (First Block Cache, MagCache; caching/diffusers_caches.py)
+        run on. Equal to `run(...).velocity` up to float rounding. A stage-2 model's r embedder is not a
+        diffusers weight, so r-embedded models are refused."""
+        if self.time_r_in is not None:
+            raise ValueError("diffusers' own forward has no r input: this model has an r embedding (stage 2); "
+                             "use run(x, t, text, r=...) instead")
+        b = x.shape[0]
+        check_time("t", t, b)
+        check_time("guidance", guidance, b)
+        if self.guidance_embed and guidance is None:
+            raise ValueError("this model has a guidance embedder: pass guidance (the CFG scale, float32 (B,))")
+        g = guidance * TIMESTEP_SCALE if self.guidance_embed else None
+        dtype = self.dtype
+        return self.model(hidden_states=x.to(dtype), timestep=t * TIMESTEP_SCALE,
+                          encoder_hidden_states=text.tokens.to(dtype), encoder_attention_mask=text.mask,
+                          pooled_projections=text.pooled.to(dtype), guidance=g, return_dict=False)[0]
+
     def head(self, hidden: Tensor, vec: Tensor, tokens: Tokens) -> Tensor:
         pt, ph, pw = self.patch_size
         f, h, w = tokens.grid

@@ -289,6 +289,21 @@ class WanBackbone(DiffusersAdapter):
         hidden = x0 + hook.delta("blocks", run_all)
         return hidden, features
 
+    def native_forward(self, x: Tensor, t: Tensor, text: TextCond, guidance: Tensor | None = None) -> Tensor:
+        """The velocity from diffusers' OWN forward (`WanTransformer3DModel.forward`) on this adapter's
+        inputs (t * 1000, zero-padded prompt): what diffusers' block-level cache hooks run on
+        (caching/diffusers_caches.py). The adapter's added guidance / r embedders are not diffusers
+        weights, so models that have them are refused."""
+        if self.time_r_in is not None or self.guidance_in is not None:
+            raise ValueError("diffusers' own Wan forward has no guidance or r input, but this model has an added "
+                             f"{'r' if self.time_r_in is not None else 'guidance'} embedding; use run() instead")
+        if guidance is not None:
+            raise ValueError("this Wan model has no guidance embedding: pass guidance=None")
+        check_time("t", t, x.shape[0])
+        tokens = text.tokens.to(self.dtype) * text.mask.bool()[..., None].to(self.dtype)
+        return self.model(hidden_states=x.to(self.dtype), timestep=t * TIMESTEP_SCALE, encoder_hidden_states=tokens,
+                          return_dict=False)[0]
+
     def head(self, hidden: Tensor, vec: Tensor, tokens: Tokens) -> Tensor:
         m = self.model
         pt, ph, pw = self.patch_size

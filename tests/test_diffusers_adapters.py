@@ -319,3 +319,22 @@ def test_adapter_config_errors_name_the_bad_value(cls, dcfg):
         cls.from_config({"type": cls.TYPE, "diffusers_config": dcfg, "r_embedd": "sum"})
     built = cls.from_config({"diffusers_config": dcfg, "r_embed": "sum"})  # "type" optional
     assert built.config["type"] == cls.TYPE and built.config["r_embed"] == "sum"
+
+
+def test_native_forward_is_diffusers_own_forward(hv, wan, inputs):
+    """`native_forward` (what diffusers' block caches run on) equals the adapters' re-implemented forward,
+    and refuses models whose added embedders diffusers' forward cannot see."""
+    x, t, text, g = inputs
+    with torch.no_grad():
+        assert _max_diff(hv.native_forward(x, t, text), hv.run(x, t, text).velocity) < ATOL
+        assert _max_diff(wan.native_forward(x, t, text), wan.run(x, t, text).velocity) < ATOL
+        guided = HunyuanVideoBackbone(_hv_model(guidance_embeds=True))
+        assert _max_diff(guided.native_forward(x, t, text, g), guided.run(x, t, text, guidance=g).velocity) < ATOL
+    with pytest.raises(ValueError, match="pass guidance"):
+        guided.native_forward(x, t, text)
+    stage2 = HunyuanVideoBackbone(_hv_model(guidance_embeds=False), r_embed="sum")
+    with pytest.raises(ValueError, match="no r input"):
+        stage2.native_forward(x, t, text)
+    distilled_wan = WanBackbone(_wan_model(), guidance_embed=True)
+    with pytest.raises(ValueError, match="added guidance embedding"):
+        distilled_wan.native_forward(x, t, text, g)

@@ -227,7 +227,8 @@ def bounds(cfg: SemanticConfig, scorer, prompts: PromptSet, real_features: Tenso
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run every method and write every output file; returns {'rows', 'bounds', 'skipped', 'paths'}."""
+    """Run every method and write every output file; returns {'rows', 'bounds', 'comparisons', 'skipped',
+    'paths'}."""
     threads = torch.get_num_threads()
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
@@ -283,25 +284,15 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "training": training_progress(spec)})
 
     ref = next(r for r in rows if r["name"] == reference)
-    for r in rows:  # faithfulness to the reference, intervals, paired differences
+    for r in rows:  # per-video faithfulness to the reference, FLOP speedups
         per_video[r["name"]]["psnr"] = metrics.psnr(videos[r["name"]], videos[reference]).double().numpy()
         per_video[r["name"]]["ssim"] = metrics.ssim(videos[r["name"]], videos[reference]).double().numpy()
-        r.update(report.intervals(per_video[r["name"]], cfg.num_videos, indices, boot.level))
         r["theoretical_speedup"] = efficiency.speedup(ref["flops"], r["flops"])
         r["theoretical_latency_s"] = ref["latency_s"] / r["theoretical_speedup"]
-        r["vs_reference"] = report.paired(per_video[r["name"]], per_video[reference], report.DELTA_KEYS,
-                                          cfg.num_videos, indices, boot.level)
-    full = next((r for r in rows if r["ablation"] and all(r["ablation"].values())), None)
-    for r in rows:
-        if r["ablation"] and full is not None:
-            r["vs_full"] = report.paired(per_video[r["name"]], per_video[full["name"]], report.DELTA_KEYS,
-                                         cfg.num_videos, indices, boot.level)
     pairs = [asdict(c) for c in cfg.comparisons if c.a in per_video and c.b in per_video]
-    for c in cfg.comparisons:
-        if c.a not in per_video or c.b not in per_video:
-            skipped[f"comparison {c.a} vs {c.b}"] = "a method it compares was skipped"
-    comparisons = report.compare(per_video, {r["name"]: r["label"] for r in rows}, pairs, cfg.num_videos, indices,
-                                 boot.level)
+    skipped |= {f"comparison {c.a} vs {c.b}": "a method it compares was skipped" for c in cfg.comparisons
+                if c.a not in per_video or c.b not in per_video}
+    comparisons = report.add_statistics(rows, per_video, reference, pairs, cfg.num_videos, indices, boot.level)
 
     n_gif = min(cfg.output.gif_videos, prompts.real.shape[0])
     samples = {name: v[:n_gif] for name, v in videos.items()} | {"ground_truth": prompts.real[:n_gif]}

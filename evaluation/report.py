@@ -45,6 +45,8 @@ COLUMNS = (
 )
 QUALITY_WEIGHT = 4.0  # VBench: total = (semantic + 4 quality) / 5
 PERCENT_KEYS = tuple(k for k in INTERVAL_KEYS if k not in ("motion", "psnr"))  # shown x100
+METRIC_NAMES = {"digit_acc": "digit", "color_acc": "colour", "direction_acc": "direction", "all_correct": "all-correct",
+                "psnr": "PSNR (dB)", "ssim": "SSIM"}
 
 
 def semantic_score(digit_acc, color_acc, direction_acc):
@@ -117,6 +119,27 @@ def compare(per_video: dict[str, dict[str, np.ndarray]], labels: dict[str, str],
                                      + ("**yes**" if entry["within_margin"] else "not shown"))
             out.append(entry)
     return out
+
+
+def full_row(rows: list[dict]) -> dict | None:
+    """The Table 3 row that uses every DisCa component (the ablations' baseline), if any."""
+    from evaluation.methods import ABLATION_KEYS
+
+    return next((r for r in rows if r.get("ablation") and all(r["ablation"][k] for k in ABLATION_KEYS)), None)
+
+
+def add_statistics(rows: list[dict], per_video: dict[str, dict[str, np.ndarray]], reference: str,
+                   pairs: list[dict], num_prompts: int, indices: np.ndarray, level: float = stats.LEVEL) -> list[dict]:
+    """Give every row its intervals, its paired differences to the reference (`vs_reference`) and, for
+    Table 3 rows, to the full row (`vs_full`); returns the configured comparisons (`compare`)."""
+    full = full_row(rows)
+    for r in rows:
+        scores = per_video[r["name"]]
+        r.update(intervals(scores, num_prompts, indices, level))
+        r["vs_reference"] = paired(scores, per_video[reference], DELTA_KEYS, num_prompts, indices, level)
+        if r.get("ablation") and full is not None:
+            r["vs_full"] = paired(scores, per_video[full["name"]], DELTA_KEYS, num_prompts, indices, level)
+    return compare(per_video, {r["name"]: r["label"] for r in rows}, pairs, num_prompts, indices, level)
 
 
 def timing_fields(method_s: list[float], reference_s: list[float], max_spread: float) -> dict:
@@ -278,7 +301,7 @@ def table3(rows: list[dict]) -> str:
     from evaluation.methods import ABLATION_KEYS
 
     ablations = [r for r in rows if r.get("ablation")]
-    full = next((r for r in ablations if all(r["ablation"][k] for k in ABLATION_KEYS)), None)
+    full = full_row(rows)
     if full is None:
         return ""
     mark = {True: "✔", False: "✘", None: "—"}
@@ -294,7 +317,7 @@ def table3(rows: list[dict]) -> str:
 
 def comparisons_table(comparisons: list[dict]) -> str:
     header = ["Comparison (A vs B)", "Metric", "A", "B", "A − B [95 % CI]", "Verdict"]
-    body = [[c["label"], c["metric"], _num(_scale(c["metric"]) * c["a_value"], "{:.1f}"),
+    body = [[c["label"], METRIC_NAMES.get(c["metric"], c["metric"]), _num(_scale(c["metric"]) * c["a_value"], "{:.1f}"),
              _num(_scale(c["metric"]) * c["b_value"], "{:.1f}"), fmt_diff(c["diff"], c["metric"]), c["verdict"]]
             for c in comparisons]
     return _table(header, body)

@@ -110,9 +110,12 @@ def main(argv: list[str] | None = None) -> Path:
     print("\nstage times (s; '-' = done in an earlier run):")
     for name, sec in timings.items():
         print(f"  {name:<26} {'-' if sec is None else f'{sec:7.0f}'}")
-    early = [name for name, p in progress.items() if p is None or p["stopped_early"]]
+    early = [name for name, p in progress.items() if p is not None and p["stopped_early"]]
+    unknown = [name for name, p in progress.items() if p is None]
     if early:
         print(f"\nWARNING: stages below their step budget (see the report's first lines): {early}")
+    if unknown:
+        print(f"\nWARNING: completed steps unknown (no training_state.json beside the export): {unknown}")
     print(f"\ndemo finished in {timings['total'] / 60:.1f} min\nreport: {report}\nlogs: {logs}")
     return report
 
@@ -147,7 +150,7 @@ def check_equal_budgets(stages: list[dict], groups: list[list[str]]) -> None:
 def progress_line(progress: dict | None) -> str:
     """'completed N of M steps', with a warning when the run stopped before its budget."""
     if progress is None:
-        return "WARNING: no checkpoint found, completed steps unknown"
+        return "WARNING: no training_state.json beside the export, completed steps unknown"
     text = f"completed {progress['completed_steps']} of {progress['max_steps']} steps"
     return f"WARNING: {text}: stopped early" if progress["stopped_early"] else text
 

@@ -329,6 +329,9 @@ def test_interval_and_paired_difference_rendering():
                                        "b_value": 0.768, "diff": [0.018, 0.004, 0.031],
                                        "verdict": report.verdict([0.018, 0.004, 0.031], "R=0.2", "R=1.0")}])
     assert "| R=0.2 vs R=1.0 | semantic | 78.6 | 76.8 | +1.8 [+0.4, +3.1] | **R=0.2** better |" in table
+    ssim = report.comparisons_table([{"label": "x", "metric": "ssim", "a_value": 0.7, "b_value": 0.6,
+                                      "diff": [0.1, -0.02, 0.2], "verdict": "v"}])
+    assert "| x | SSIM | 70.0 | 60.0 | +10.0 [-2.0, +20.0] | v |" in ssim
     speed = {"speedup": 4.33, "speedup_q1": 4.1, "speedup_q3": 4.52, "speedup_too_noisy": False}
     assert report.fmt_speed(speed) == "4.33× [4.10–4.52]"
     assert report.fmt_speed(speed | {"speedup_too_noisy": True}).endswith("⚠")

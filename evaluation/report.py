@@ -425,7 +425,9 @@ def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str
         f"- FLOPs = counted by torch.utils.flop_counter over one whole sampling run of "
         f"{meta['timing_batch']} video(s) (matmul/attention ops); latency = median of {meta['repeats']} "
         f"interleaved rounds after {meta['warmup']} warm-up pair(s): each round times one run of the method and "
-        "one of the reference back to back (alternating which goes first), synchronised on CUDA.",
+        "one of the reference back to back (alternating which goes first), synchronised on CUDA. Latencies of "
+        "different rows were taken at different times and move with the machine's load; compare rows by the "
+        "measured speed, whose ratios share each round's load.",
         f"- Peak memory: {meta['memory_method']}. Cache = bytes held by the cache (peak over the run).",
         "- Per-video scores of every method are in per_video.csv (method, prompt, seed index).",
         "",

@@ -1,9 +1,10 @@
 """Benchmark samplers and caches: `python evaluate.py --config configs/evaluate.yaml [--output_dir DIR] [--a.b value]`.
 
-Every method samples the same held-out validation prompts from the same noise; the evaluator
-writes results.csv/json, report.md (the paper's Table 2 and Table 4 layouts), pareto.png,
-samples/<method>.gif and TensorBoard logs (output_dir/tb). See SPEC §7 and evaluation/*.py for the
-metric definitions.
+Every method samples the same held-out validation prompts from the same noise (one draw per prompt
+and seed, `--seeds '[0, 1]'`); the evaluator writes results.csv/json, per_video.csv, report.md (the
+paper's Table 1-4 layouts, every score with its bootstrap interval, paired comparisons),
+pareto.png, samples/<method>.gif and TensorBoard logs (output_dir/tb). See SPEC §7 and
+evaluation/*.py for the metric definitions, evaluation/stats.py for the intervals.
 """
 from __future__ import annotations
 
@@ -20,9 +21,10 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings 
 from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from evaluation import efficiency, metrics, report  # noqa: E402
+from evaluation import efficiency, metrics, report, stats  # noqa: E402
 from evaluation.methods import (MethodSpec, MissingExport, ModelStore, PromptSet, benchmark,  # noqa: E402
-                                check_available, generate, load_prompt_set)
+                                check_available, generate, load_prompt_set, sampling_run)
+from evaluation.progress import stage_progress  # noqa: E402
 
 
 @dataclass
@@ -58,9 +60,41 @@ class TimingConfig:
     batch_size: int = 1
     """videos per timed sampling run"""
     warmup: int = 1
-    """untimed runs first"""
+    """untimed (method, reference) run pairs first"""
     repeats: int = 3
-    """timed runs; the median is reported"""
+    """timed rounds, each one run of the method and one of the reference (interleaved); the speedup is
+    the median of the per-round ratios"""
+    max_spread: float = 0.25
+    """IQR / median of the per-round ratios above which the report calls a measured speedup too noisy"""
+
+
+@dataclass
+class BootstrapConfig:
+    """Percentile bootstrap over prompts (evaluation/stats.py) for every score's interval."""
+
+    resamples: int = stats.RESAMPLES
+    """bootstrap resamples"""
+    level: float = stats.LEVEL
+    """interval coverage"""
+    seed: int = 0
+    """seed of the resampling generator (every method uses the same resampled prompts: paired)"""
+
+
+@dataclass
+class Comparison:
+    """One stated "A vs B": a paired difference on the same prompts and noise, per metric."""
+
+    a: str
+    """method name"""
+    b: str
+    """method name"""
+    label: str | None = None
+    """shown in the report (default: the two labels)"""
+    metrics: list[str] = field(default_factory=lambda: list(report.COMPARISON_KEYS))
+    """scores compared (evaluation.report.COMPARABLE_KEYS)"""
+    margin: float | None = None
+    """a relative tolerance ("A within 3 % of B": 0.03): also reports whether the interval of A - B stays
+    above -margin * B"""
 
 
 @dataclass
@@ -96,7 +130,7 @@ class EvalConfig:
     num_videos: int = 128
     """first N prompts of the validation split"""
     seeds: list[int] = field(default_factory=lambda: [0])
-    """one noise draw per prompt and seed"""
+    """noise seeds: one draw per prompt and seed (intervals resample prompts, a prompt's seeds together)"""
     batch_size: int = 32
     """videos per sampling batch"""
     reference: str | None = None
@@ -111,6 +145,10 @@ class EvalConfig:
     """torch CPU threads during the evaluation (None = torch's default; restored afterwards)"""
     teacher: str = "assets/teacher"
     """the stage-0 export; method entries refer to it as ${teacher} (resolved after overrides)"""
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    """intervals"""
+    comparisons: list[Comparison] = field(default_factory=list)
+    """stated "A vs B" comparisons, reported as paired differences with intervals"""
 
     def __post_init__(self) -> None:
         names = [m.name for m in self.methods]
@@ -121,9 +159,30 @@ class EvalConfig:
             raise ValueError(f"duplicate method names {dupes}")
         if self.reference is not None and self.reference not in names:
             raise ValueError(f"reference {self.reference!r} is not a method name; methods: {names}")
-        if self.num_videos < 2 or self.batch_size < 1 or not self.seeds:
-            raise ValueError(f"need num_videos >= 2 (for FD), batch_size >= 1 and at least one seed; got "
-                             f"num_videos={self.num_videos}, batch_size={self.batch_size}, seeds={self.seeds}")
+        if not self.seeds:
+            raise ValueError("seeds is empty (--seeds []): give at least one noise seed, e.g. --seeds '[0]' or "
+                             "--seeds '[0, 1]'")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds {self.seeds} repeat a seed: a repeated seed repeats the same noise, "
+                             "not a new draw")
+        if self.num_videos < 2:
+            raise ValueError(f"num_videos={self.num_videos}: the bootstrap intervals (and FD) need at least 2 videos "
+                             "(prompts) to resample; set num_videos >= 2")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.bootstrap.resamples < 100 or not 0 < self.bootstrap.level < 1:
+            raise ValueError(f"bootstrap needs resamples >= 100 and 0 < level < 1, got "
+                             f"resamples={self.bootstrap.resamples}, level={self.bootstrap.level}")
+        if self.timing.max_spread <= 0:
+            raise ValueError(f"timing.max_spread must be > 0, got {self.timing.max_spread}")
+        for c in self.comparisons:
+            unknown = [n for n in (c.a, c.b) if n not in names]
+            bad = [m for m in c.metrics if m not in report.COMPARABLE_KEYS]
+            if unknown or bad or not c.metrics or c.a == c.b or (c.margin is not None and c.margin <= 0):
+                raise ValueError(f"comparison {c.a!r} vs {c.b!r}: needs two different method names (unknown: "
+                                 f"{unknown}), metrics from {list(report.COMPARABLE_KEYS)} (bad: {bad}) and a "
+                                 f"margin > 0 or null (got {c.margin}); after replacing `methods`, replace "
+                                 "`comparisons` too (--comparisons '[]' for none)")
 
 
 def load_scorer(cfg: SemanticConfig):
@@ -139,25 +198,37 @@ def load_scorer(cfg: SemanticConfig):
     return SemanticScorer(classifier.eval())
 
 
-def bounds(cfg: SemanticConfig, scorer, prompts: PromptSet, real_features: Tensor) -> dict[str, dict]:
-    """Ground-truth ceiling and noise floor rows, scored like the methods. Semantic: the scorer's own
-    `ground_truth_ceiling` / `noise_floor` (num_bounds videos); quality and FD: other real videos of
-    the world and the benchmark's own noise, as many as the prompt set."""
+def bounds(cfg: SemanticConfig, scorer, prompts: PromptSet, real_features: Tensor, boot: BootstrapConfig,
+           indices) -> dict[str, dict]:
+    """Ground-truth ceiling and noise floor rows, scored like the methods. Semantic: the videos of the
+    scorer's own `ground_truth_ceiling` / `noise_floor` (num_bounds videos, intervals over them);
+    quality and FD: other real videos of the world and the benchmark's own noise, as many as the prompt set."""
     from datamodules import moving_digits as world
-    from evaluation.semantic import ground_truth_ceiling, noise_floor
+    from evaluation.semantic import ceiling_videos, floor_videos
 
     n, f, size = prompts.real.shape[0], prompts.real.shape[2], prompts.real.shape[3]
     kw = dict(num_frames=f, size=size)
     other_real, _, _ = world.sample_world(n, "val", cfg.bounds_seed, **kw)
-    rows = {"ground truth (ceiling)": (ground_truth_ceiling(scorer, cfg.num_bounds, seed=cfg.bounds_seed, **kw),
-                                       other_real),
-            "noise (floor)": (noise_floor(scorer, cfg.num_bounds, seed=cfg.bounds_seed, **kw), prompts.noise[:n].cpu())}
-    return {name: report.add_scores({**sem, **metrics.video_quality(videos, real_features, scorer.classifier)})
-            for name, (sem, videos) in rows.items()}
+    sets = {"ground truth (ceiling)": (ceiling_videos(cfg.num_bounds, seed=cfg.bounds_seed, **kw), other_real),
+            "noise (floor)": (floor_videos(cfg.num_bounds, seed=cfg.bounds_seed, **kw), prompts.noise[:n].cpu())}
+    bound_indices = stats.resample_indices(cfg.num_bounds, boot.resamples, boot.seed)
+    rows = {}
+    for name, ((videos, labels), quality_videos) in sets.items():
+        acc = metrics.accuracy_per_video(scorer.correct(videos, labels))
+        acc["semantic"] = report.semantic_score(acc["digit_acc"], acc["color_acc"], acc["direction_acc"])
+        quality = metrics.quality_per_video(quality_videos)
+        quality["quality"] = report.quality_score(quality["flicker"], quality["smoothness"])
+        row = (report.intervals(acc, cfg.num_bounds, bound_indices, boot.level)
+               | report.intervals(quality, n, indices, boot.level))
+        row["total"] = report.total_score(row["semantic"], row["quality"])
+        row["fd_classifier"] = metrics.fd_classifier(quality_videos, real_features, scorer.classifier)
+        rows[name] = row
+    return rows
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Run every method and write every output file; returns {'rows', 'bounds', 'skipped', 'paths'}."""
+    """Run every method and write every output file; returns {'rows', 'bounds', 'comparisons', 'skipped',
+    'paths'}."""
     threads = torch.get_num_threads()
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
@@ -183,47 +254,69 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
             skipped[spec.name] = str(err)
             tqdm.write(f"skipping: {err}")
 
+    boot = cfg.bootstrap
+    indices = stats.resample_indices(cfg.num_videos, boot.resamples, boot.seed)  # shared by every method: paired
     prompts = load_prompt_set(cfg.data.data_dir, cfg.num_videos, cfg.seeds, device, batch_size=cfg.batch_size,
                               verify_checksums=cfg.data.verify_checksums,
                               prepare_if_missing=cfg.data.prepare_if_missing)
     scorer = load_scorer(cfg.semantic)
     real_features = metrics.classifier_features(scorer.classifier, prompts.real)
     store = ModelStore(device, cfg.model_seed)
-    rows, videos = [], {}
+    ref_spec = next(m for m in cfg.methods if m.name == reference)
+    ref_run, _ = sampling_run(ref_spec, store, prompts, device, batch_size=cfg.timing.batch_size)
+    rows, videos, per_video = [], {}, {}
     for spec in tqdm([m for m in cfg.methods if m.name not in skipped], desc="methods"):
         videos[spec.name] = generate(spec, store, prompts, cfg.batch_size)
-        eff = benchmark(spec, store, prompts, device, batch_size=cfg.timing.batch_size, warmup=cfg.timing.warmup,
-                        repeats=cfg.timing.repeats)
-        rows.append(report.add_scores({
+        eff = benchmark(spec, store, prompts, device, batch_size=cfg.timing.batch_size)
+        run, _ = sampling_run(spec, store, prompts, device, batch_size=cfg.timing.batch_size)
+        method_s, reference_s = efficiency.interleaved_times(run, ref_run, cfg.timing.repeats, cfg.timing.warmup,
+                                                             sync=efficiency.device_sync(device))
+        per_video[spec.name] = metrics.per_video_scores(scorer.correct(videos[spec.name], prompts.labels),
+                                                        videos[spec.name])
+        rows.append({
             "name": spec.name, "label": spec.display, "kind": spec.kind, "cfg_distilled": spec.cfg_distilled,
-            "ablation": spec.ablation,
-            "num_steps": spec.num_steps, "nfe_dit": eff.nfe_dit, "nfe_dit_effective": eff.nfe_dit_effective,
-            "nfe_predictor": eff.nfe_predictor, "flops": eff.flops, "latency_s": eff.latency_s,
+            "ablation": spec.ablation, "num_steps": spec.num_steps, "nfe_dit": eff.nfe_dit,
+            "nfe_dit_effective": eff.nfe_dit_effective, "nfe_predictor": eff.nfe_predictor, "flops": eff.flops,
             "peak_memory_mb": eff.peak_memory_bytes / 2 ** 20, "cache_mb": eff.cache_bytes / 2 ** 20,
-            "memory_method": eff.memory_method, **scorer.score(videos[spec.name], prompts.labels),
-            **metrics.video_quality(videos[spec.name], real_features, scorer.classifier)}))
+            "memory_method": eff.memory_method,
+            **report.timing_fields(method_s, reference_s, cfg.timing.max_spread),
+            "fd_classifier": metrics.fd_classifier(videos[spec.name], real_features, scorer.classifier),
+            "training": training_progress(spec)})
 
     ref = next(r for r in rows if r["name"] == reference)
-    for r in rows:  # speedups and faithfulness against the reference method
-        r["speedup"] = efficiency.speedup(ref["latency_s"], r["latency_s"])
+    for r in rows:  # per-video faithfulness to the reference, FLOP speedups
+        per_video[r["name"]]["psnr"] = metrics.psnr(videos[r["name"]], videos[reference]).double().numpy()
+        per_video[r["name"]]["ssim"] = metrics.ssim(videos[r["name"]], videos[reference]).double().numpy()
         r["theoretical_speedup"] = efficiency.speedup(ref["flops"], r["flops"])
         r["theoretical_latency_s"] = ref["latency_s"] / r["theoretical_speedup"]
-        r["psnr"] = metrics.psnr(videos[r["name"]], videos[reference]).mean().item()
-        r["ssim"] = metrics.ssim(videos[r["name"]], videos[reference]).mean().item()
+    pairs = [asdict(c) for c in cfg.comparisons if c.a in per_video and c.b in per_video]
+    skipped |= {f"comparison {c.a} vs {c.b}": "a method it compares was skipped" for c in cfg.comparisons
+                if c.a not in per_video or c.b not in per_video}
+    comparisons = report.add_statistics(rows, per_video, reference, pairs, cfg.num_videos, indices, boot.level)
 
     n_gif = min(cfg.output.gif_videos, prompts.real.shape[0])
     samples = {name: v[:n_gif] for name, v in videos.items()} | {"ground_truth": prompts.real[:n_gif]}
-    bound_rows = bounds(cfg.semantic, scorer, prompts, real_features)
+    bound_rows = bounds(cfg.semantic, scorer, prompts, real_features, boot, indices)
+    stages = {p["stage_dir"]: p for r in rows for p in r["training"].values() if p is not None}
     meta = {"reference": reference, "num_videos": cfg.num_videos, "seeds": list(cfg.seeds),
             "num_samples": prompts.noise.shape[0], "device": str(device), "timing_batch": cfg.timing.batch_size,
-            "repeats": cfg.timing.repeats, "warmup": cfg.timing.warmup,
+            "repeats": cfg.timing.repeats, "warmup": cfg.timing.warmup, "max_spread": cfg.timing.max_spread,
+            "bootstrap": asdict(boot), "stages": stages,
             "memory_method": ("CUDA max_memory_allocated over one sampling run" if device.type == "cuda" else
                               "weights + inputs + peak bytes of live tensors created during one sampling run "
                               "(tracked with a TorchDispatchMode; CPU has no allocator statistic)"),
             "config": asdict(cfg), "seconds": time.perf_counter() - start}
     paths = report.write_all(Path(cfg.output_dir), rows, bound_rows, skipped, meta, samples, cfg.output.fps,
-                             cfg.output.scale, cfg.output.tensorboard)
-    return {"rows": rows, "bounds": bound_rows, "skipped": skipped, "paths": paths}
+                             cfg.output.scale, cfg.output.tensorboard, comparisons, per_video)
+    return {"rows": rows, "bounds": bound_rows, "comparisons": comparisons, "skipped": skipped, "paths": paths}
+
+
+def training_progress(spec: MethodSpec) -> dict[str, dict | None]:
+    """Completed vs budgeted steps of the stages behind the method's exports (evaluation/progress.py)."""
+    exports = {"model": None if spec.is_random else spec.model}
+    if spec.kind == "disca" and spec.predictor not in ("reuse", "random"):
+        exports["predictor"] = spec.predictor
+    return {role: stage_progress(path) if path else None for role, path in exports.items()}
 
 
 def build_parser() -> ArgumentParser:

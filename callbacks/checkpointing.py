@@ -6,11 +6,16 @@ so resuming never unpickles arbitrary objects. Exports for later stages are safe
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from models.io import _atomic_write
+
+TRAINING_STATE = "training_state.json"  # next to an export: the steps the run had completed when it was written
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -34,8 +39,19 @@ class ExportOnTrainEnd(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = pl_module.export(self.dirpath)
         if trainer.is_global_zero:
+            write_training_state(trainer, path)
             print(f"exported weights to {path}")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if self.every_checkpoint:
-            pl_module.export(self.dirpath)
+            path = pl_module.export(self.dirpath)
+            if trainer.is_global_zero:
+                write_training_state(trainer, path)
+
+
+def write_training_state(trainer: L.Trainer, directory: str | Path) -> None:
+    """`training_state.json` beside an export: the run's `global_step` and `max_steps` when it was
+    written, so the evaluation can state each stage's completed steps (Lightning's last.ckpt is not
+    rewritten when a run ends between checkpoints, e.g. stopped by `max_time`)."""
+    state = {"global_step": int(trainer.global_step), "max_steps": int(trainer.max_steps)}
+    _atomic_write(Path(directory) / TRAINING_STATE, lambda p: Path(p).write_text(json.dumps(state)))

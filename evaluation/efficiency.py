@@ -11,9 +11,13 @@ calls it anew, so warm-up, timing, FLOP counting and memory tracking never share
   are counted as executed). They cover matmul/conv/attention ops (the DiT's cost); elementwise ops
   are not counted. PyTorch has no formula for the CPU fused-attention kernel, so `FLOP_FORMULAS`
   adds the one it uses for the CUDA kernels.
-- Latency: wall time of whole runs, median of `repeats` after `warmup` runs (the first, NFE-reading
-  run counts as one), with `torch.cuda.synchronize()` before reading the clock on CUDA. FLOPs and
-  memory are measured together on one more run, outside the timed ones (the tracking slows it).
+- Latency: wall time of whole runs, measured INTERLEAVED with the reference method
+  (`interleaved_times`): each round times one run of the method and one of the reference, the order
+  alternating between rounds, so both see the same machine load (a busy shared CPU changes speed
+  within minutes). The measured speedup is the median of the per-round ratios reference / method, with
+  their quartiles and range (`speedup_stats`); a wide spread means the machine was too noisy to
+  conclude. `torch.cuda.synchronize()` comes before every clock read on CUDA. FLOPs and memory are
+  measured together on one more run, outside the timed ones (the tracking slows it).
 - Peak memory: on CUDA, `torch.cuda.max_memory_allocated` over one run (weights, inputs and
   activations). On CPU there is no allocator statistic, so `CostTracker` tracks the bytes of
   tensor storages created during the run that are alive at the same time (exact for tensors, it
@@ -24,11 +28,11 @@ calls it anew, so warm-up, timing, FLOP counting and memory tracking never share
 """
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -51,14 +55,12 @@ FLOP_FORMULAS = {**flop_registry,
 
 @dataclass
 class Efficiency:
-    """Measured cost of one sampling run of the latency batch."""
+    """Measured cost of one sampling run of the latency batch (latency: `interleaved_times`)."""
 
     nfe_dit: float  # backbone calls (CFG counts 2 per step)
     nfe_dit_effective: float  # the same, counting only the computed fraction of a cached call
     nfe_predictor: float  # learned-predictor evaluations (DisCa)
     flops: int  # counted FLOPs of one run
-    latency_s: float  # median wall time of one run
-    latency_runs_s: list[float]
     peak_memory_bytes: int
     cache_bytes: int
     memory_method: str  # 'cuda_max_memory_allocated' | 'tracked_tensor_bytes'
@@ -121,20 +123,69 @@ def count_flops(run: Run) -> int:
     return tracker.flops
 
 
-def measure_latency(run: Run, device: torch.device, warmup: int = 1, repeats: int = 3) -> list[float]:
-    """Wall-clock seconds of `repeats` runs after `warmup` untimed runs (synchronised on CUDA)."""
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+def interleaved_times(run: Callable[[], Any], reference: Callable[[], Any], rounds: int, warmup: int = 1, *,
+                      sync: Callable[[], None] = lambda: None,
+                      clock: Callable[[], float] = time.perf_counter) -> tuple[list[float], list[float]]:
+    """(method seconds, reference seconds), one pair per round.
+
+    `warmup` untimed pairs first; then each round times `run` and `reference` back to back, the
+    reference first in even rounds and second in odd ones (so neither always follows the other).
+    `sync` is called before every clock read (CUDA: `torch.cuda.synchronize`); `clock` is injectable
+    so the pairing can be tested on fake timers."""
+    if rounds < 1 or warmup < 0:
+        raise ValueError(f"need rounds (timing.repeats) >= 1 and warmup >= 0, got rounds={rounds}, warmup={warmup}")
     for _ in range(warmup):
+        reference()
         run()
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        run()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
+
+    def timed(fn: Callable[[], Any]) -> float:
+        sync()
+        start = clock()
+        fn()
+        sync()
+        return clock() - start
+
+    method_s, reference_s = [], []
+    for k in range(rounds):
+        if k % 2 == 0:
+            reference_s.append(timed(reference))
+            method_s.append(timed(run))
+        else:
+            method_s.append(timed(run))
+            reference_s.append(timed(reference))
+    return method_s, reference_s
+
+
+@dataclass(frozen=True)
+class SpeedupStats:
+    """Per-round speedups reference / method of interleaved timing: median, quartiles and range."""
+
+    median: float
+    q1: float
+    q3: float
+    low: float
+    high: float
+    ratios: list[float]
+
+    @property
+    def relative_iqr(self) -> float:
+        """(q3 - q1) / median: the spread that decides whether a measured speedup can be read."""
+        return (self.q3 - self.q1) / self.median
+
+    def too_wide(self, max_spread: float) -> bool:
+        return self.relative_iqr > max_spread
+
+
+def speedup_stats(reference_s: list[float], method_s: list[float]) -> SpeedupStats:
+    """Median and spread (linear-interpolated quartiles, min, max) of the per-round ratios."""
+    if len(reference_s) != len(method_s) or not method_s:
+        raise ValueError(f"need one reference time per method time, got {len(reference_s)} and {len(method_s)}")
+    if min(method_s) <= 0 or min(reference_s) <= 0:
+        raise ValueError(f"timings must be positive, got method {method_s} and reference {reference_s}")
+    ratios = np.asarray(reference_s, dtype=np.float64) / np.asarray(method_s, dtype=np.float64)
+    q1, median, q3 = np.percentile(ratios, [25, 50, 75])
+    return SpeedupStats(float(median), float(q1), float(q3), float(ratios.min()), float(ratios.max()),
+                        ratios.tolist())
 
 
 class CostTracker(TorchDispatchMode):
@@ -209,17 +260,19 @@ def measure_flops_and_memory(run: Run, device: torch.device, resident_bytes: int
     return tracker.flops, resident_bytes + tracker.peak, "tracked_tensor_bytes"
 
 
-def measure(run: Run, device: torch.device, resident_bytes: int, warmup: int = 1, repeats: int = 3) -> Efficiency:
-    """All efficiency numbers of one method; every measurement calls `run` afresh. The first run
-    (which gives NFE and cache size) also counts as the first warm-up run."""
+def measure(run: Run, device: torch.device, resident_bytes: int) -> Efficiency:
+    """NFE, cache size, FLOPs and memory of one method; each measurement calls `run` afresh."""
     _, velocity = run()
     nfe_dit, nfe_eff, nfe_pred = velocity_nfe(velocity)
     cache = velocity_cache_bytes(velocity)
     flops, peak, method = measure_flops_and_memory(run, device, resident_bytes)
-    times = measure_latency(run, device, max(0, warmup - 1), repeats)
     return Efficiency(nfe_dit=nfe_dit, nfe_dit_effective=nfe_eff, nfe_predictor=nfe_pred, flops=flops,
-                      latency_s=statistics.median(times), latency_runs_s=times, peak_memory_bytes=peak,
-                      cache_bytes=cache, memory_method=method)
+                      peak_memory_bytes=peak, cache_bytes=cache, memory_method=method)
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """The `sync` of `interleaved_times` for `device`."""
+    return lambda: _sync(device)
 
 
 def speedup(reference: float, value: float) -> float:

@@ -19,7 +19,8 @@ smoke runs need no trained export. A disca `predictor` is an export directory, `
 training-free reuse ablation) or `random`.
 
 Every method of a benchmark runs on one `PromptSet` (the same prompts and the same noise):
-`generate` samples all of it, `benchmark` measures one run of its first videos (efficiency.py).
+`generate` samples all of it, `benchmark` measures one run of its first videos and `sampling_run` is
+that run, for the interleaved latency (efficiency.py).
 """
 from __future__ import annotations
 
@@ -444,9 +445,10 @@ def generate(spec: MethodSpec, store: ModelStore, prompts: PromptSet, batch_size
     return torch.cat(out)
 
 
-def benchmark(spec: MethodSpec, store: ModelStore, prompts: PromptSet, device: torch.device, *,
-              batch_size: int = 1, warmup: int = 1, repeats: int = 3) -> efficiency.Efficiency:
-    """Efficiency of sampling the first `batch_size` prompts (efficiency.measure: NFE, FLOPs, latency, memory)."""
+def sampling_run(spec: MethodSpec, store: ModelStore, prompts: PromptSet, device: torch.device, *,
+                 batch_size: int = 1) -> tuple[efficiency.Run, int]:
+    """The timed run of `spec` (a fresh velocity sampling the first `batch_size` prompts) and the bytes
+    of its weights and inputs (resident before the run)."""
     store.calibrate(spec, prompts)
     grid = time_grid(spec.num_steps, spec.shift, device=device)
     text, noise = prompts.text.index(slice(0, batch_size)), prompts.noise[:batch_size]
@@ -457,4 +459,12 @@ def benchmark(spec: MethodSpec, store: ModelStore, prompts: PromptSet, device: t
 
     resident = efficiency.module_bytes(store.modules(spec)) + efficiency.tensor_bytes(
         [noise, text.tokens, text.mask, text.pooled])
-    return efficiency.measure(run, device, resident, warmup, repeats)
+    return run, resident
+
+
+def benchmark(spec: MethodSpec, store: ModelStore, prompts: PromptSet, device: torch.device, *,
+              batch_size: int = 1) -> efficiency.Efficiency:
+    """NFE, FLOPs and memory of sampling the first `batch_size` prompts (efficiency.measure); latency is
+    timed interleaved with the reference by the evaluator (efficiency.interleaved_times)."""
+    run, resident = sampling_run(spec, store, prompts, device, batch_size=batch_size)
+    return efficiency.measure(run, device, resident)

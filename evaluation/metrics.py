@@ -14,12 +14,15 @@ metrics return (N,) tensors; the evaluator averages them.
 - `frechet_distance`: Fréchet distance between Gaussians fitted to two feature sets (the
   in-project digit classifier's features -> "FD-classifier"; not FID/FVD, whose Inception/I3D
   networks are not used here).
+- `per_video_scores`: every per-video score whose mean is a report score, kept per video so the
+  evaluator can bootstrap intervals and pair methods exactly (evaluation/stats.py).
 - `psnr`, `ssim`: faithfulness to a reference sampler's videos from the same noise and prompt,
   frames treated as images in [0, 1] (torchmetrics). PSNR is capped at `PSNR_CAP` dB so that
   identical videos give a finite maximum.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -179,9 +182,36 @@ def classifier_features(classifier: torch.nn.Module, videos: Tensor, chunk: int 
     return feats.reshape(n, f, -1).mean(dim=1)
 
 
+def accuracy_per_video(correct: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """(N,) 0/1 float64 digit / colour / direction / all-correct from `SemanticScorer.correct`."""
+    names = {"digit": "digit_acc", "color": "color_acc", "direction": "direction_acc", "all": "all_correct"}
+    return {name: correct[key].double().numpy() for key, name in names.items()}
+
+
+def quality_per_video(videos: Tensor) -> dict[str, np.ndarray]:
+    """(N,) float64 flicker, smoothness and motion."""
+    return {"flicker": temporal_flickering(videos).double().numpy(),
+            "smoothness": motion_smoothness(videos).double().numpy(),
+            "motion": motion_magnitude(videos).double().numpy()}
+
+
+def per_video_scores(correct: dict[str, Tensor], videos: Tensor) -> dict[str, np.ndarray]:
+    """Every (N,) per-video score: accuracies, flicker, smoothness, motion, and semantic / quality /
+    total (linear in these, `report.add_scores`), so their means are the row's scores."""
+    from evaluation.report import add_scores
+
+    scores = accuracy_per_video(correct) | quality_per_video(videos)
+    if len({v.shape for v in scores.values()}) != 1:
+        raise ValueError(f"per-video scores differ in length: { {k: v.shape for k, v in scores.items()} }")
+    return add_scores(scores)
+
+
+def fd_classifier(videos: Tensor, real_features: Tensor, classifier: torch.nn.Module) -> float:
+    """FD-classifier of a video set against the real videos' features."""
+    return frechet_distance(classifier_features(classifier, videos), real_features)
+
+
 def video_quality(videos: Tensor, real_features: Tensor, classifier: torch.nn.Module) -> dict[str, float]:
     """Set averages of flicker, smoothness and motion, and FD-classifier against `real_features`."""
-    return {"flicker": temporal_flickering(videos).mean().item(),
-            "smoothness": motion_smoothness(videos).mean().item(),
-            "motion": motion_magnitude(videos).mean().item(),
-            "fd_classifier": frechet_distance(classifier_features(classifier, videos), real_features)}
+    means = {k: float(v.mean()) for k, v in quality_per_video(videos).items()}
+    return means | {"fd_classifier": fd_classifier(videos, real_features, classifier)}

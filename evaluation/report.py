@@ -1,5 +1,5 @@
-"""Write an evaluation's results: results.csv / results.json, report.md (the paper's Table 2 and
-Table 4 layouts), pareto.png, samples/<method>.gif and TensorBoard scalars, images and videos.
+"""Write an evaluation's results: results.csv / results.json / per_video.csv, report.md (the paper's
+Table 1-4 layouts), pareto.png, samples/<method>.gif and TensorBoard scalars, images and videos.
 
 A result row is a flat dict with the keys in `COLUMNS`; the score definitions live here:
 
@@ -7,6 +7,12 @@ A result row is a flat dict with the keys in `COLUMNS`; the score definitions li
 - quality  = mean(temporal flickering, motion smoothness) (both in [0, 1]; FD-classifier and the
   motion magnitude are unbounded and shown on their own);
 - total    = (semantic + 4 quality) / 5, VBench's 1:4 weighting of its semantic and quality scores.
+
+All three are linear in per-video scores, so each is defined per video too and every score of
+`INTERVAL_KEYS` carries a 95 % bootstrap interval over prompts (`evaluation/stats.py`); every stated
+comparison (against the reference, against Table 3's full row, the configured "A vs B" pairs) is a
+paired difference on the same prompts and noise, and is called better only when its interval
+excludes zero (`verdict`).
 """
 from __future__ import annotations
 
@@ -21,34 +27,131 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from evaluation import stats
+
+INTERVAL_KEYS = ("digit_acc", "color_acc", "direction_acc", "all_correct", "semantic", "flicker", "smoothness",
+                 "motion", "quality", "total", "psnr", "ssim")
+COMPARABLE_KEYS = tuple(k for k in INTERVAL_KEYS if k != "motion")  # higher is better for each of these
+DELTA_KEYS = ("digit_acc", "semantic", "quality", "total")  # the paired differences the tables print
+COMPARISON_KEYS = ("semantic", "digit_acc", "quality", "total")  # default metrics of an "A vs B" comparison
 COLUMNS = (
     "name", "label", "kind", "cfg_distilled", "num_steps",
-    "nfe_dit", "nfe_dit_effective", "nfe_predictor", "flops", "latency_s", "speedup", "theoretical_speedup",
+    "nfe_dit", "nfe_dit_effective", "nfe_predictor", "flops", "latency_s", "speedup", "speedup_q1", "speedup_q3",
+    "speedup_min", "speedup_max", "speedup_too_noisy", "theoretical_speedup",
     "theoretical_latency_s", "peak_memory_mb", "cache_mb", "memory_method",
     "digit_acc", "color_acc", "direction_acc", "all_correct", "semantic",
     "flicker", "smoothness", "motion", "fd_classifier", "quality", "total", "psnr", "ssim",
+    *(f"{k}_{end}" for k in INTERVAL_KEYS for end in ("lo", "hi")),
 )
 QUALITY_WEIGHT = 4.0  # VBench: total = (semantic + 4 quality) / 5
+PERCENT_KEYS = tuple(k for k in INTERVAL_KEYS if k not in ("motion", "psnr"))  # shown x100
+METRIC_NAMES = {"digit_acc": "digit", "color_acc": "colour", "direction_acc": "direction", "all_correct": "all-correct",
+                "psnr": "PSNR (dB)", "ssim": "SSIM"}
 
 
-def semantic_score(digit_acc: float, color_acc: float, direction_acc: float) -> float:
+def semantic_score(digit_acc, color_acc, direction_acc):
     return (digit_acc + color_acc + direction_acc) / 3
 
 
-def quality_score(flicker: float, smoothness: float) -> float:
+def quality_score(flicker, smoothness):
     return (flicker + smoothness) / 2
 
 
-def total_score(semantic: float, quality: float) -> float:
+def total_score(semantic, quality):
     return (semantic + QUALITY_WEIGHT * quality) / (1 + QUALITY_WEIGHT)
 
 
 def add_scores(row: dict) -> dict:
-    """Add semantic, quality and total to a row holding the accuracies, flicker and smoothness."""
+    """Add semantic, quality and total to a row (floats, or per-video arrays) holding the accuracies,
+    flicker and smoothness."""
     row["semantic"] = semantic_score(row["digit_acc"], row["color_acc"], row["direction_acc"])
     row["quality"] = quality_score(row["flicker"], row["smoothness"])
     row["total"] = total_score(row["semantic"], row["quality"])
     return row
+
+
+# --- intervals, paired differences and timing fields ----------------------------------------------------
+def intervals(per_video: dict[str, np.ndarray], num_prompts: int, indices: np.ndarray,
+              level: float = stats.LEVEL) -> dict[str, float]:
+    """`key`, `key_lo`, `key_hi` for every key of INTERVAL_KEYS in `per_video` ((N,) in sample order)."""
+    out = {}
+    for key in INTERVAL_KEYS:
+        if key in per_video:
+            iv = stats.bootstrap_mean(stats.prompt_matrix(per_video[key], num_prompts), indices, level)
+            out.update({key: iv.estimate, f"{key}_lo": iv.low, f"{key}_hi": iv.high})
+    return out
+
+
+def paired(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: Iterable[str], num_prompts: int,
+           indices: np.ndarray, level: float = stats.LEVEL) -> dict[str, list[float]]:
+    """{key: [a - b, low, high]}: paired differences of two methods' per-video scores."""
+    return {k: stats.paired_difference(stats.prompt_matrix(a[k], num_prompts), stats.prompt_matrix(b[k], num_prompts),
+                                       indices, level).as_list() for k in keys}
+
+
+def verdict(diff: list[float], a: str, b: str) -> str:
+    """'A better' / 'B better' only when the interval of A - B (higher is better) excludes zero."""
+    _, low, high = diff
+    if low > 0:
+        return f"**{a}** better"
+    if high < 0:
+        return f"**{b}** better"
+    return "no difference shown (interval contains 0)"
+
+
+def compare(per_video: dict[str, dict[str, np.ndarray]], labels: dict[str, str], pairs: list[dict],
+            num_prompts: int, indices: np.ndarray, level: float = stats.LEVEL) -> list[dict]:
+    """One entry per (pair, metric) for `pairs` = [{a, b, label, metrics, margin}] of evaluated methods.
+    With a relative `margin`, A counts as within it of B when the interval's lower end of A - B lies
+    above -margin * B (a target such as "within 3 % of the teacher")."""
+    out = []
+    for pair in pairs:
+        a, b, margin = pair["a"], pair["b"], pair.get("margin")
+        diffs = paired(per_video[a], per_video[b], pair["metrics"], num_prompts, indices, level)
+        for key, diff in diffs.items():
+            b_value = float(np.mean(per_video[b][key]))
+            entry = {"label": pair.get("label") or f"{labels[a]} vs {labels[b]}", "a": a, "b": b, "metric": key,
+                     "a_value": float(np.mean(per_video[a][key])), "b_value": b_value, "diff": diff,
+                     "verdict": verdict(diff, labels[a], labels[b])}
+            if margin is not None:  # non-inferiority: the whole interval above -margin * B
+                entry["within_margin"] = diff[1] > -margin * abs(b_value)
+                entry["verdict"] += (f"; within {100 * margin:g} % of B: "
+                                     + ("**yes**" if entry["within_margin"] else "not shown"))
+            out.append(entry)
+    return out
+
+
+def full_row(rows: list[dict]) -> dict | None:
+    """The Table 3 row that uses every DisCa component (the ablations' baseline), if any."""
+    from evaluation.methods import ABLATION_KEYS
+
+    return next((r for r in rows if r.get("ablation") and all(r["ablation"][k] for k in ABLATION_KEYS)), None)
+
+
+def add_statistics(rows: list[dict], per_video: dict[str, dict[str, np.ndarray]], reference: str,
+                   pairs: list[dict], num_prompts: int, indices: np.ndarray, level: float = stats.LEVEL) -> list[dict]:
+    """Give every row its intervals, its paired differences to the reference (`vs_reference`) and, for
+    Table 3 rows, to the full row (`vs_full`); returns the configured comparisons (`compare`)."""
+    full = full_row(rows)
+    for r in rows:
+        scores = per_video[r["name"]]
+        r.update(intervals(scores, num_prompts, indices, level))
+        r["vs_reference"] = paired(scores, per_video[reference], DELTA_KEYS, num_prompts, indices, level)
+        if r.get("ablation") and full is not None:
+            r["vs_full"] = paired(scores, per_video[full["name"]], DELTA_KEYS, num_prompts, indices, level)
+    return compare(per_video, {r["name"]: r["label"] for r in rows}, pairs, num_prompts, indices, level)
+
+
+def timing_fields(method_s: list[float], reference_s: list[float], max_spread: float) -> dict:
+    """The row's latency (median of the method's interleaved runs) and measured speedup (median of
+    the per-round ratios, quartiles, range, and whether the spread is too wide to conclude)."""
+    from evaluation.efficiency import speedup_stats
+
+    sp = speedup_stats(reference_s, method_s)
+    return {"latency_s": float(np.median(method_s)), "latency_runs_s": list(method_s),
+            "reference_runs_s": list(reference_s), "speedup": sp.median, "speedup_q1": sp.q1, "speedup_q3": sp.q3,
+            "speedup_min": sp.low, "speedup_max": sp.high, "speedup_ratios": sp.ratios,
+            "speedup_too_noisy": sp.too_wide(max_spread)}
 
 
 # --- tables ------------------------------------------------------------------------------------------
@@ -59,15 +162,65 @@ def write_csv(rows: list[dict], path: Path) -> None:
         writer.writerows(rows)
 
 
+def write_per_video(per_video: dict[str, dict[str, np.ndarray]], num_prompts: int, path: Path) -> None:
+    """One line per (method, prompt, seed): every per-video score, so any pairing can be recomputed."""
+    keys = sorted({k for scores in per_video.values() for k in scores})
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "prompt", "seed_index", *keys])
+        for name, scores in per_video.items():
+            n = len(next(iter(scores.values())))
+            for i in range(n):
+                writer.writerow([name, i % num_prompts, i // num_prompts,
+                                 *(f"{float(scores[k][i]):.6g}" if k in scores else "" for k in keys)])
+
+
 def write_json(payload: dict, path: Path) -> None:
     path.write_text(json.dumps(payload, indent=1, default=float))
 
 
-def _pct(value: float, ref: float | None) -> str:
-    text = f"{100 * value:.1f}"
-    if ref is None or ref == 0:
-        return text
-    return f"{text} ({100 * (value - ref) / abs(ref):+.1f}%)"
+def _scale(key: str) -> float:
+    return 100.0 if key in PERCENT_KEYS else 1.0
+
+
+def fmt_ci(row: dict, key: str, fmt: str = "{:.1f}") -> str:
+    """'value [low, high]' of a row's score (percent keys x100)."""
+    k = _scale(key)
+    if f"{key}_lo" not in row:
+        return _num(row[key] * k, fmt)
+    return f"{fmt.format(row[key] * k)} [{fmt.format(row[f'{key}_lo'] * k)}, {fmt.format(row[f'{key}_hi'] * k)}]"
+
+
+def fmt_diff(diff: list[float] | None, key: str) -> str:
+    """'+d [+low, +high]' of a paired difference (percent keys in points, one decimal unless more are
+    needed to show that the interval excludes zero), '—' for none."""
+    if diff is None:
+        return "—"
+    k = _scale(key)
+    est, low, high = (v * k for v in diff)
+    for decimals in range(1, 5):  # enough decimals that an interval excluding zero does not print as 0.0
+        fmt = f"{{:+.{decimals}f}}"
+        if not ((low > 0 and float(fmt.format(low)) == 0) or (high < 0 and float(fmt.format(high)) == 0)):
+            break
+    return f"{fmt.format(est)} [{fmt.format(low)}, {fmt.format(high)}]"
+
+
+def fmt_speed(row: dict) -> str:
+    """'median× [q1–q3]', flagged when the spread is too wide to conclude."""
+    text = f"{row['speedup']:.2f}× [{row['speedup_q1']:.2f}–{row['speedup_q3']:.2f}]"
+    return text + " ⚠" if row["speedup_too_noisy"] else text
+
+
+def fmt_steps(row: dict) -> str:
+    """Completed / budgeted training steps of the exports a row uses ('—' when no checkpoint is known)."""
+    parts = []
+    for role, progress in (row.get("training") or {}).items():
+        if progress is None:
+            continue
+        budget = progress["max_steps"] if progress["max_steps"] is not None else "?"
+        mark = " ⚠ stopped early" if progress["stopped_early"] else ""
+        parts.append(f"{'P ' if role == 'predictor' else ''}{progress['completed_steps']}/{budget}{mark}")
+    return "; ".join(parts) or "—"
 
 
 def _num(value: float | None, fmt: str = "{:.3g}") -> str:
@@ -80,99 +233,147 @@ def _table(header: list[str], rows: Iterable[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def table2(rows: list[dict], bounds: dict[str, dict], reference: dict) -> str:
-    """Method, CFG distilled, efficiency, semantic and quality scores (paper Table 2 layout), with the
-    change relative to the reference method in parentheses, then the ground-truth and noise rows."""
-    header = ["Method", "CFG distilled", "NFE (DiT + P)", "Latency (s) ↓", "Speed ↑", "Theor. speed ↑",
-              "Peak mem (MB) ↓",
-              "Digit ↑", "Colour ↑", "Direction ↑", "All-correct ↑", "Semantic ↑", "Flicker ↑",
-              "Smoothness ↑",
-              "Motion (px/f)", "FD-classifier ↓", "Quality ↑", "Total ↑"]
+def _mark(flag: bool) -> str:
+    return "✔" if flag else "✘"
+
+
+def table2(rows: list[dict], bounds: dict[str, dict]) -> str:
+    """Method, CFG distilled, efficiency, semantic and quality scores with their intervals (paper Table 2
+    layout), the paired difference of the semantic score to the reference, then the ground-truth and
+    noise rows."""
+    header = ["Method", "CFG distilled", "NFE (DiT + P)", "Latency (s) ↓", "Speed ↑ [IQR]", "Theor. speed ↑",
+              "Peak mem (MB) ↓", "Digit ↑", "Colour ↑", "Direction ↑", "All-correct ↑", "Semantic ↑",
+              "Δ Semantic vs ref", "Flicker ↑", "Smoothness ↑", "Motion (px/f)", "FD-classifier ↓",
+              "Quality ↑", "Total ↑", "Trained steps"]
+    scored = ("digit_acc", "color_acc", "direction_acc", "all_correct", "semantic")
     body = []
     for r in rows:
         nfe = _num(r["nfe_dit_effective"], "{:.4g}") + (f" + {r['nfe_predictor']:.4g}" if r["nfe_predictor"] else "")
-        body.append([r["label"], "✔" if r["cfg_distilled"] else "✘", nfe, _num(r["latency_s"], "{:.4g}"),
-                     f"{r['speedup']:.2f}×", f"{r['theoretical_speedup']:.2f}×", _num(r["peak_memory_mb"], "{:.4g}"),
-                     *(_pct(r[k], reference[k]) for k in ("digit_acc", "color_acc", "direction_acc", "all_correct",
-                                                          "semantic", "flicker", "smoothness")),
-                     _num(r["motion"], "{:.2f}"), _num(r["fd_classifier"], "{:.4g}"),
-                     _pct(r["quality"], reference["quality"]), _pct(r["total"], reference["total"])])
+        body.append([r["label"], _mark(r["cfg_distilled"]), nfe, _num(r["latency_s"], "{:.4g}"), fmt_speed(r),
+                     f"{r['theoretical_speedup']:.2f}×", _num(r["peak_memory_mb"], "{:.4g}"),
+                     *(fmt_ci(r, k) for k in scored), fmt_diff(r["vs_reference"].get("semantic"), "semantic"),
+                     _num(100 * r["flicker"], "{:.1f}"), _num(100 * r["smoothness"], "{:.1f}"),
+                     _num(r["motion"], "{:.2f}"), _num(r["fd_classifier"], "{:.4g}"), fmt_ci(r, "quality"),
+                     fmt_ci(r, "total"), fmt_steps(r)])
     for name, b in bounds.items():
-        body.append([f"*{name}*", "", "—", "—", "—", "—", "—",
-                     *(_pct(b[k], None) for k in ("digit_acc", "color_acc", "direction_acc", "all_correct",
-                                                  "semantic", "flicker", "smoothness")),
-                     _num(b["motion"], "{:.2f}"), _num(b["fd_classifier"], "{:.4g}"), _pct(b["quality"], None),
-                     _pct(b["total"], None)])
+        body.append([f"*{name}*", "", "—", "—", "—", "—", "—", *(fmt_ci(b, k) for k in scored), "—",
+                     _num(100 * b["flicker"], "{:.1f}"), _num(100 * b["smoothness"], "{:.1f}"),
+                     _num(b["motion"], "{:.2f}"), _num(b["fd_classifier"], "{:.4g}"), fmt_ci(b, "quality"),
+                     _num(100 * b["total"], "{:.1f}"), "—"])
     return _table(header, body)
 
 
-def table4(rows: list[dict]) -> str:
-    """Theoretical (FLOPs) vs measured speedup (paper Table 4 layout); the theoretical latency is the
+def table4(rows: list[dict], max_spread: float) -> str:
+    """Theoretical (FLOPs) vs measured speedup (paper Table 4 layout): the measured one is the median of
+    per-round ratios of interleaved runs, with quartiles and range; the theoretical latency is the
     reference latency divided by the theoretical speedup."""
     header = ["Method", "CFG distilled", "Peak mem (MB) ↓", "Cache (MB)", "FLOPs (G) ↓", "Theor. speed ↑",
-              "Theor. latency (s)", "Latency (s) ↓", "Speed ↑"]
-    body = [[r["label"], "✔" if r["cfg_distilled"] else "✘", _num(r["peak_memory_mb"], "{:.4g}"),
+              "Theor. latency (s)", "Latency (s) ↓", "Speed ↑ (median)", "IQR", "min–max", "Readable?"]
+    body = [[r["label"], _mark(r["cfg_distilled"]), _num(r["peak_memory_mb"], "{:.4g}"),
              _num(r["cache_mb"], "{:.3g}"), f"{r['flops'] / 1e9:.4g}", f"{r['theoretical_speedup']:.2f}×",
-             _num(r["theoretical_latency_s"], "{:.4g}"), _num(r["latency_s"], "{:.4g}"), f"{r['speedup']:.2f}×"]
+             _num(r["theoretical_latency_s"], "{:.4g}"), _num(r["latency_s"], "{:.4g}"), f"{r['speedup']:.2f}×",
+             f"{r['speedup_q1']:.2f}–{r['speedup_q3']:.2f}", f"{r['speedup_min']:.2f}–{r['speedup_max']:.2f}",
+             f"⚠ too noisy (IQR/median > {max_spread:g})" if r["speedup_too_noisy"] else "yes"]
             for r in rows]
     return _table(header, body)
 
 
 def table1(rows: list[dict], reference: dict) -> str:
     """The step-distillation rows (CFG teacher, CFG-distilled and MeanFlow samplers, no caches) in the
-    layout of the paper's Table 1: NFE, theoretical and measured speedup, semantic scores (change
-    relative to the reference) and PSNR to the reference's videos."""
-    header = ["Method", "CFG distilled", "NFE", "Theor. speed", "Measured speed", "Digit", "Colour", "Direction",
-              "All-correct", "Semantic", "PSNR (dB)"]
-    body = [[r["label"], "✔" if r["cfg_distilled"] else "✘", _num(r["nfe_dit_effective"], "{:.4g}"),
-             f"{r['theoretical_speedup']:.2f}×", f"{r['speedup']:.2f}×",
-             *(_pct(r[k], reference[k]) for k in ("digit_acc", "color_acc", "direction_acc", "all_correct",
-                                                  "semantic")),
-             "—" if r is reference else f"{r['psnr']:.2f}"]
+    layout of the paper's Table 1: NFE, theoretical and measured speedup, semantic scores with their
+    intervals, paired differences to the reference and PSNR to the reference's videos."""
+    header = ["Method", "CFG distilled", "NFE", "Theor. speed", "Measured speed [IQR]", "Digit", "Colour",
+              "Direction", "All-correct", "Semantic", "Δ Digit vs ref", "Δ Semantic vs ref", "PSNR (dB)",
+              "Trained steps"]
+    body = [[r["label"], _mark(r["cfg_distilled"]), _num(r["nfe_dit_effective"], "{:.4g}"),
+             f"{r['theoretical_speedup']:.2f}×", fmt_speed(r),
+             *(fmt_ci(r, k) for k in ("digit_acc", "color_acc", "direction_acc", "all_correct", "semantic")),
+             *(fmt_diff(None if r is reference else r["vs_reference"][k], k) for k in ("digit_acc", "semantic")),
+             "—" if r is reference else fmt_ci(r, "psnr", "{:.2f}"), fmt_steps(r)]
             for r in rows if r["kind"] in ("teacher_cfg", "cfg_distilled", "meanflow")]
     return _table(header, body)
 
 
 def table3(rows: list[dict]) -> str:
     """The ablation rows (methods with `ablation` flags) in the layout of the paper's Table 3: which of
-    Restricted MeanFlow / learnable predictor / GAN training each uses, and its semantic, quality and total
-    scores with the change relative to the row that uses all three. Empty when there is no such row."""
+    Restricted MeanFlow / learnable predictor / GAN training each uses, its scores with intervals and
+    the paired difference to the row that uses all three (`vs_full`). Empty when there is no such row."""
     from evaluation.methods import ABLATION_KEYS
 
     ablations = [r for r in rows if r.get("ablation")]
-    full = next((r for r in ablations if all(r["ablation"][k] for k in ABLATION_KEYS)), None)
+    full = full_row(rows)
     if full is None:
         return ""
     mark = {True: "✔", False: "✘", None: "—"}
-    header = ["Method", "Restricted MeanFlow", "Learnable predictor", "GAN training", "Semantic ↑", "Quality ↑",
-              "Total ↑", "FD-classifier ↓"]
+    header = ["Method", "Restricted MeanFlow", "Learnable predictor", "GAN training", "Semantic ↑",
+              "Δ Semantic", "Quality ↑", "Δ Quality", "Total ↑", "Δ Total", "FD-classifier ↓", "Trained steps"]
     body = [[r["label"], *(mark[r["ablation"][k]] for k in ABLATION_KEYS),
-             *(_pct(r[k], full[k]) for k in ("semantic", "quality", "total")), _num(r["fd_classifier"], "{:.4g}")]
+             *(cell for k in ("semantic", "quality", "total")
+               for cell in (fmt_ci(r, k), fmt_diff(None if r is full else r["vs_full"][k], k))),
+             _num(r["fd_classifier"], "{:.4g}"), fmt_steps(r)]
             for r in sorted(ablations, key=lambda r: r is not full)]
+    return _table(header, body)
+
+
+def comparisons_table(comparisons: list[dict]) -> str:
+    header = ["Comparison (A vs B)", "Metric", "A", "B", "A − B [95 % CI]", "Verdict"]
+    body = [[c["label"], METRIC_NAMES.get(c["metric"], c["metric"]), _num(_scale(c["metric"]) * c["a_value"], "{:.1f}"),
+             _num(_scale(c["metric"]) * c["b_value"], "{:.1f}"), fmt_diff(c["diff"], c["metric"]), c["verdict"]]
+            for c in comparisons]
     return _table(header, body)
 
 
 def faithfulness_table(rows: list[dict]) -> str:
     header = ["Method", "PSNR (dB) ↑", "SSIM ↑"]
-    return _table(header, [[r["label"], f"{r['psnr']:.2f}", f"{r['ssim']:.4f}"] for r in rows])
+    return _table(header, [[r["label"], fmt_ci(r, "psnr", "{:.2f}"), fmt_ci(r, "ssim")] for r in rows])
 
 
-def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str, str], meta: dict) -> str:
+def training_notice(stages: dict[str, dict]) -> list[str]:
+    """The report's first lines when any training stage stopped before its step budget."""
+    early = {d: p for d, p in stages.items() if p["stopped_early"]}
+    if not early:
+        return []
+    lines = ["> **Warning: a training run stopped before its step budget**, so the comparisons that involve "
+             "it are not at equal budget:"]
+    lines += [f"> - `{d}`: {p['completed_steps']} of {p['max_steps']} steps"
+              + (f" (max_time {p['max_time']})" if p.get("max_time") else "") for d, p in early.items()]
+    return lines + [""]
+
+
+def stages_table(stages: dict[str, dict]) -> str:
+    header = ["Stage (directory)", "Completed steps", "Budget (max_steps)", "max_time", "Stopped early"]
+    return _table(header, [[f"`{d}`", str(p["completed_steps"]), _num(p["max_steps"], "{}"),
+                            p.get("max_time") or "—", "**yes**" if p["stopped_early"] else "no"]
+                           for d, p in stages.items()])
+
+
+def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str, str], meta: dict,
+                    comparisons: list[dict] | None = None) -> str:
     reference = next(r for r in rows if r["name"] == meta["reference"])
+    stages = meta.get("stages") or {}
+    boot = meta["bootstrap"]
     parts = [
         "# Evaluation report",
         "",
+        *training_notice(stages),
         f"{meta['num_samples']} videos ({meta['num_videos']} held-out validation prompts × seeds "
         f"{meta['seeds']}), every method from the same noise and prompts; device `{meta['device']}`; "
-        f"reference method for speedups, relative changes and faithfulness: **{reference['label']}**. "
+        f"reference method for speedups, paired differences and faithfulness: **{reference['label']}**. "
         f"Evaluation took {meta['seconds']:.1f} s.",
+        "",
+        f"Every score is `value [{100 * boot['level']:g} % interval]`: a percentile bootstrap over prompts "
+        f"({boot['resamples']} resamples, generator seed {boot['seed']}); the seeds of one prompt are resampled "
+        "together (a cluster bootstrap). Every Δ is a paired difference (A − B, in points) on the same prompts "
+        "and noise with its interval; a difference is called better only when its interval excludes zero. "
+        "Measured speed = median over interleaved rounds of (reference time / method time), `[q1–q3]`; ⚠ marks "
+        f"a spread too wide to conclude (IQR / median > {meta['max_spread']:g}).",
         "",
         "## Quality and efficiency (layout of the paper's Table 2)",
         "",
-        "Scores in %, change relative to the reference in parentheses. The ground-truth ceiling (real "
-        "videos) and the noise floor (Gaussian noise) are scored by the same scorer.",
+        "Scores in %. The ground-truth ceiling (real videos) and the noise floor (Gaussian noise) are scored by "
+        "the same scorer.",
         "",
-        table2(rows, bounds, reference),
+        table2(rows, bounds),
         "",
         "## Step distillation (layout of the paper's Table 1)",
         "",
@@ -182,7 +383,10 @@ def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str
     ablation = table3(rows)
     if ablation:
         parts += ["## Ablation (layout of the paper's Table 3)", "",
-                  "Changes relative to the row that uses all three components.", "", ablation, ""]
+                  "Δ = paired difference to the row that uses all three components.", "", ablation, ""]
+    if comparisons:
+        parts += ["## Paired comparisons", "", "A − B on the same prompts and noise, in points; A or B is called "
+                  "better only when the interval excludes zero.", "", comparisons_table(comparisons), ""]
     parts += [
         f"## Faithfulness to {reference['label']} (same noise and prompt)",
         "",
@@ -190,9 +394,17 @@ def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str
         "",
         "## Theoretical vs measured speedup (layout of the paper's Table 4)",
         "",
-        table4(rows),
+        table4(rows, meta["max_spread"]),
         "",
     ]
+    noisy = [r["label"] for r in rows if r["speedup_too_noisy"]]
+    if noisy:
+        parts += [f"Measured speedups too noisy to conclude (IQR / median > {meta['max_spread']:g}): "
+                  + ", ".join(noisy) + ". Read the theoretical (FLOP) speedup for these.", ""]
+    if stages:
+        parts += ["## Training budgets", "", "Completed steps of every stage whose export a method uses (read "
+                  "from the stage's last checkpoint; budget and max_time from the config it ran with).", "",
+                  stages_table(stages), ""]
     if skipped:
         parts += ["## Skipped methods", ""] + [f"- **{k}**: {v}" for k, v in skipped.items()] + [""]
     parts += [
@@ -204,15 +416,20 @@ def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str
         "video scores 100, so read it with Motion (fitted centroid speed; the real world moves 1 px/frame).",
         "- Smoothness = 1 − sqrt(SS_res / SS_tot) of a constant-velocity fit of the intensity-weighted "
         "centroid track. Quality = mean(Flicker, Smoothness); Total = (Semantic + 4 Quality) / 5 (VBench's "
-        "weighting).",
+        "weighting). Intervals of flicker, smoothness and motion are in results.json; FD-classifier is a "
+        "set statistic and has none. The bounds rows' semantic intervals resample their own videos.",
         "- FD-classifier = Fréchet distance between the digit classifier's features (frame-averaged) "
         "of generated and real videos of the same prompts (not FID/FVD).",
         "- NFE = full DiT evaluations (a CFG step costs 2; a cache's partial call counts its computed "
         "fraction of block updates) + predictor evaluations.",
         f"- FLOPs = counted by torch.utils.flop_counter over one whole sampling run of "
         f"{meta['timing_batch']} video(s) (matmul/attention ops); latency = median of {meta['repeats']} "
-        f"runs after {meta['warmup']} warm-up run(s), synchronised on CUDA.",
+        f"interleaved rounds after {meta['warmup']} warm-up pair(s): each round times one run of the method and "
+        "one of the reference back to back (alternating which goes first), synchronised on CUDA. Latencies of "
+        "different rows were taken at different times and move with the machine's load; compare rows by the "
+        "measured speed, whose ratios share each round's load.",
         f"- Peak memory: {meta['memory_method']}. Cache = bytes held by the cache (peak over the run).",
+        "- Per-video scores of every method are in per_video.csv (method, prompt, seed index).",
         "",
     ]
     return "\n".join(parts)
@@ -298,16 +515,21 @@ def write_tensorboard(logdir: Path, rows: list[dict], samples: dict[str, Tensor]
 
 
 def write_all(output_dir: Path, rows: list[dict], bounds: dict[str, dict], skipped: dict[str, str], meta: dict,
-              samples: dict[str, Tensor], fps: float = 4.0, scale: int = 4,
-              tensorboard: bool = True) -> dict[str, Path]:
+              samples: dict[str, Tensor], fps: float = 4.0, scale: int = 4, tensorboard: bool = True,
+              comparisons: list[dict] | None = None,
+              per_video: dict[str, dict[str, np.ndarray]] | None = None) -> dict[str, Path]:
     """Every output file; returns their paths by name."""
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "samples").mkdir(exist_ok=True)
     paths = {"csv": output_dir / "results.csv", "json": output_dir / "results.json",
              "report": output_dir / "report.md", "pareto": output_dir / "pareto.png"}
     write_csv(rows, paths["csv"])
-    write_json({"meta": meta, "methods": rows, "bounds": bounds, "skipped": skipped}, paths["json"])
-    report_md = markdown_report(rows, bounds, skipped, meta)
+    write_json({"meta": meta, "methods": rows, "bounds": bounds, "comparisons": comparisons or [],
+                "skipped": skipped}, paths["json"])
+    if per_video:
+        paths["per_video"] = output_dir / "per_video.csv"
+        write_per_video(per_video, meta["num_videos"], paths["per_video"])
+    report_md = markdown_report(rows, bounds, skipped, meta, comparisons)
     paths["report"].write_text(report_md)
     figure = pareto_figure(rows, bounds)
     figure.savefig(paths["pareto"])

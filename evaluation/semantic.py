@@ -131,8 +131,8 @@ class SemanticScorer:
                 "color": predict_color(videos, self.bright_threshold),
                 "direction": predict_direction(videos, self.centroid_floor, self.min_motion)}
 
-    def score(self, videos: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
-        """Accuracies per attribute and the rate of videos with all three right."""
+    def correct(self, videos: Tensor, labels: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Per video (N,) bool: digit, color and direction right, and all three right (`all`)."""
         missing = [k for k in ("digit", "color", "direction") if k not in labels]
         if missing:
             raise ValueError(f"labels lack {missing}")
@@ -143,10 +143,28 @@ class SemanticScorer:
             if target.shape != p.shape:
                 raise ValueError(f"labels[{key!r}] has shape {tuple(target.shape)}, expected {tuple(p.shape)}")
             correct[key] = p == target
-        all_correct = correct["digit"] & correct["color"] & correct["direction"]
+        correct["all"] = correct["digit"] & correct["color"] & correct["direction"]
+        return correct
+
+    def score(self, videos: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
+        """Accuracies per attribute and the rate of videos with all three right."""
+        correct = self.correct(videos, labels)
         return {"digit_acc": correct["digit"].float().mean().item(), "color_acc": correct["color"].float().mean().item(),
                 "direction_acc": correct["direction"].float().mean().item(),
-                "all_correct": all_correct.float().mean().item()}
+                "all_correct": correct["all"].float().mean().item()}
+
+
+def ceiling_videos(num: int = 1000, split: str = "train", seed: int = 1234, **world_kwargs
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Real world videos and their labels: what `ground_truth_ceiling` scores."""
+    videos, labels, _ = world.sample_world(num, split, seed, **world_kwargs)
+    return videos, labels
+
+
+def floor_videos(num: int = 1000, seed: int = 1234, **world_kwargs) -> tuple[Tensor, dict[str, Tensor]]:
+    """N(0, 1) noise with real prompts' labels: what `noise_floor` scores."""
+    videos, labels, _ = world.sample_world(num, "val", seed, **world_kwargs)
+    return torch.randn(videos.shape, generator=torch.Generator().manual_seed(seed)), labels
 
 
 def ground_truth_ceiling(scorer: SemanticScorer, num: int = 1000, split: str = "train", seed: int = 1234,
@@ -154,15 +172,12 @@ def ground_truth_ceiling(scorer: SemanticScorer, num: int = 1000, split: str = "
     """Score real world videos. The default split is `train` because the classifier was fitted on
     the held-out (`val`) images: train-split digits are real digits it has never seen, which is the
     honest ceiling; `split="val"` measures how well it fits its own training images."""
-    videos, labels, _ = world.sample_world(num, split, seed, **world_kwargs)
-    return scorer.score(videos, labels)
+    return scorer.score(*ceiling_videos(num, split, seed, **world_kwargs))
 
 
 def noise_floor(scorer: SemanticScorer, num: int = 1000, seed: int = 1234, **world_kwargs) -> dict[str, float]:
     """Score N(0, 1) noise against real prompts' labels: what a generator that learned nothing gets."""
-    videos, labels, _ = world.sample_world(num, "val", seed, **world_kwargs)
-    noise = torch.randn(videos.shape, generator=torch.Generator().manual_seed(seed))
-    return scorer.score(noise, labels)
+    return scorer.score(*floor_videos(num, seed, **world_kwargs))
 
 
 # ---- classifier training ----

@@ -2,7 +2,9 @@
 predictor GAN -> evaluate, on the embedded default world. Every stage is the user's own command
 (`python prepare.py`, `python train.py --config ...`, `python evaluate.py --config ...`) run as a
 subprocess; a finished stage leaves a marker and is skipped next time, an interrupted one resumes
-from its last checkpoint. Budgets live in configs/demo.yaml.
+from its last checkpoint. Budgets live in configs/demo.yaml: step budgets, no time caps, and the arms
+of each comparison (`equal_budgets`) must have equal ones. Every stage's completed steps are printed
+and saved to outputs/demo/stages.json; the evaluation report lists them next to its rows.
 """
 from __future__ import annotations
 
@@ -14,9 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from evaluation.progress import stage_progress  # noqa: E402
 
 
 def run(cmd: list[str], log: Path) -> float:
@@ -44,6 +50,8 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = p.parse_args(argv)
     cfg = OmegaConf.load(ROOT / args.config)
+    stage_cfgs = OmegaConf.to_container(cfg.stages)
+    check_equal_budgets(stage_cfgs, OmegaConf.to_container(cfg.get("equal_budgets", [])))
     py = sys.executable
     marks = ROOT / cfg.output_root / "demo"
     logs = marks / "logs"
@@ -77,12 +85,16 @@ def main(argv: list[str] | None = None) -> Path:
         raise SystemExit(f"demo: the default teacher {teacher} is missing; run `make teacher` to train it")
     print(f"[teacher] {teacher}")
     # 3. distillation stages
+    progress: dict[str, dict | None] = {}
     for s in cfg.stages:
         overrides = list(s.overrides) + list(s.get("extra", [])) + extra_stage
         if s.name == "cfg_distill":
             overrides += ["--model.init_args.teacher.init_args.directory", str(teacher)]
         stage(s.name, [py, "train.py", "--config", s.config, *overrides,
                        *_resume(f"{cfg.output_root}/{s.name}")])
+        progress[s.name] = stage_progress(ROOT / cfg.output_root / s.name / "export")
+        print(f"[{s.name}] {progress_line(progress[s.name])}", flush=True)
+    (marks / "stages.json").write_text(json.dumps(progress, indent=1))
     # 4. TeaCache calibration for the cache baselines
     stage("teacache_calibration", [py, "calibrate_teacache.py", *cfg.teacache])
     # 5. evaluation (always rerun: it is the report)
@@ -98,8 +110,49 @@ def main(argv: list[str] | None = None) -> Path:
     print("\nstage times (s; '-' = done in an earlier run):")
     for name, sec in timings.items():
         print(f"  {name:<26} {'-' if sec is None else f'{sec:7.0f}'}")
+    early = [name for name, p in progress.items() if p is not None and p["stopped_early"]]
+    unknown = [name for name, p in progress.items() if p is None]
+    if early:
+        print(f"\nWARNING: stages below their step budget (see the report's first lines): {early}")
+    if unknown:
+        print(f"\nWARNING: completed steps unknown (no training_state.json beside the export): {unknown}")
     print(f"\ndemo finished in {timings['total'] / 60:.1f} min\nreport: {report}\nlogs: {logs}")
     return report
+
+
+def budget(stage: dict) -> dict[str, str | None]:
+    """A demo stage's effective max_steps / max_time: the last override, else its config's trainer value."""
+    args = [str(a) for a in [*stage.get("overrides", []), *stage.get("extra", [])]]
+    trainer = (yaml.safe_load((ROOT / stage["config"]).read_text()) or {}).get("trainer") or {}
+    out = {}
+    for key in ("max_steps", "max_time"):
+        flag = f"--trainer.{key}"
+        given = [args[i + 1] for i, a in enumerate(args[:-1]) if a == flag]
+        value = given[-1] if given else trainer.get(key)
+        out[key] = None if value is None else str(value)
+    return out
+
+
+def check_equal_budgets(stages: list[dict], groups: list[list[str]]) -> None:
+    """Refuse a demo whose comparison arms (`equal_budgets` groups of stage names) differ in
+    max_steps or max_time: the report compares them as equal-budget runs."""
+    by_name = {s["name"]: s for s in stages}
+    for group in groups:
+        unknown = [n for n in group if n not in by_name]
+        if unknown:
+            raise SystemExit(f"demo: equal_budgets names unknown stages {unknown}; stages: {sorted(by_name)}")
+        budgets = {n: budget(by_name[n]) for n in group}
+        if len({tuple(b.values()) for b in budgets.values()}) > 1:
+            raise SystemExit(f"demo: the arms {group} of one comparison must have equal step budgets and time caps, "
+                             f"got {budgets}")
+
+
+def progress_line(progress: dict | None) -> str:
+    """'completed N of M steps', with a warning when the run stopped before its budget."""
+    if progress is None:
+        return "WARNING: no training_state.json beside the export, completed steps unknown"
+    text = f"completed {progress['completed_steps']} of {progress['max_steps']} steps"
+    return f"WARNING: {text}: stopped early" if progress["stopped_early"] else text
 
 
 def _resume(root: str) -> list[str]:

@@ -1,4 +1,5 @@
-"""evaluate.py end to end on the smoke config, plus the efficiency measurements and method specs."""
+"""evaluate.py end to end on the smoke config (two noise seeds), plus the efficiency measurements,
+interleaved timing, the report's intervals and paired differences, bad input and method specs."""
 from __future__ import annotations
 
 import csv
@@ -27,7 +28,7 @@ def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     start = time.perf_counter()
     result = evaluate.main(["--config", SMOKE, "--output_dir", str(out), "--skip_missing", "true",
-                            "--methods+", json.dumps(MISSING)])
+                            "--seeds", "[0, 1]", "--methods+", json.dumps(MISSING)])
     seconds = time.perf_counter() - start
     print(f"smoke evaluation took {seconds:.1f} s")
     return out, result, seconds
@@ -65,7 +66,8 @@ def test_smoke_numbers_are_consistent(smoke):
     _, result, _ = smoke
     rows = {r["name"]: r for r in result["rows"]}
     ref = rows["teacher_cfg_8"]
-    assert ref["nfe_dit"] == 16 and ref["speedup"] == 1.0 and ref["psnr"] == pytest.approx(100.0)
+    assert ref["nfe_dit"] == 16 and ref["psnr"] == pytest.approx(100.0)
+    assert len(ref["speedup_ratios"]) == 2 and ref["speedup_min"] <= ref["speedup"] <= ref["speedup_max"]
     assert rows["teacher_cfg_2"]["theoretical_speedup"] == pytest.approx(4.0, rel=1e-6)  # same model, 4x fewer calls
     assert rows["cfg_distilled_4"]["nfe_dit"] == 4 and rows["cfg_distilled_4"]["cfg_distilled"]
     assert rows["fora_n2"]["nfe_dit_effective"] < rows["fora_n2"]["nfe_dit"] == 4
@@ -80,25 +82,71 @@ def test_smoke_report_has_tables_bounds_and_skipped(smoke):
     out, _, seconds = smoke
     text = (out / "report.md").read_text()
     for needle in ("Table 1", "Table 2", "Table 3", "Table 4", "Faithfulness", "ground truth (ceiling)", "noise (floor)",
-                   "## Skipped methods", "missing_student", "python train.py --config configs/cfg_distill.yaml"):
+                   "## Skipped methods", "missing_student", "python train.py --config configs/cfg_distill.yaml",
+                   "## Paired comparisons", "seeds [0, 1]", "cluster bootstrap", "median over interleaved rounds"):
         assert needle in text, needle
     assert seconds < 180  # the smoke evaluation's budget on a 2-core CPU
     table3 = text.split("Table 3)")[1].split("##")[0]
-    assert "| DisCa (N=2) | ✔ | ✔ | ✔ |" in table3 and "| DisCa training-free reuse (N=2) | ✔ | ✘ | — |" in table3
+    assert "| DisCa (N=2) | ✔ | ✔ | ✔ | " in table3
+    assert "| DisCa training-free reuse (N=2) | ✔ | ✘ | — | " in table3
     table1 = text.split("Table 1)")[1].split("##")[0]
     assert "Restricted MeanFlow: 4 steps" in table1 and "FORA" not in table1
 
 
+def test_every_score_has_an_interval_and_every_video_is_kept(smoke):
+    out, result, _ = smoke
+    rows = {r["name"]: r for r in result["rows"]}
+    for r in list(rows.values()) + list(result["bounds"].values()):
+        for key in ("digit_acc", "color_acc", "direction_acc", "all_correct", "semantic", "quality"):
+            assert r[f"{key}_lo"] <= r[key] <= r[f"{key}_hi"], (r.get("name"), key)
+    data = json.loads((out / "results.json").read_text())
+    assert data["meta"]["seeds"] == [0, 1] and data["meta"]["num_samples"] == 16
+    with open(out / "per_video.csv") as f:
+        per_video = list(csv.DictReader(f))
+    assert len(per_video) == 16 * len(rows)  # 8 prompts x 2 seeds per method
+    assert {(int(r["prompt"]), int(r["seed_index"])) for r in per_video if r["method"] == "disca_n2"} == {
+        (p, s) for p in range(8) for s in range(2)}
+    semantic = [float(r["semantic"]) for r in per_video if r["method"] == "meanflow_4"]
+    assert sum(semantic) / 16 == pytest.approx(rows["meanflow_4"]["semantic"], abs=1e-5)
+
+
+def test_comparisons_are_paired_differences_with_verdicts(smoke):
+    _, result, _ = smoke
+    rows = {r["name"]: r for r in result["rows"]}
+    first = next(c for c in result["comparisons"] if c["a"] == "meanflow_4" and c["metric"] == "semantic")
+    diff, low, high = first["diff"]
+    assert diff == pytest.approx(rows["meanflow_4"]["semantic"] - rows["cfg_distilled_4"]["semantic"], abs=1e-9)
+    assert low <= diff <= high
+    assert ("better" in first["verdict"]) == (low > 0 or high < 0)
+    assert first["within_margin"] == (low > -0.05 * first["b_value"]) and "within 5 % of B" in first["verdict"]
+    assert rows["meanflow_4"]["vs_reference"]["semantic"][0] == pytest.approx(
+        rows["meanflow_4"]["semantic"] - rows["teacher_cfg_8"]["semantic"], abs=1e-9)
+    assert set(rows["disca_reuse"]["vs_full"]) == set(report.DELTA_KEYS)
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--seeds", "[]"], r"seeds is empty \(--seeds \[\]\)"),
+    (["--seeds", "[3, 3]"], r"seeds \[3, 3\] repeat a seed"),
+    (["--num_videos", "1"], r"num_videos=1: the bootstrap intervals .* need at least 2 videos"),
+    (["--comparisons", '[{"a": "teacher_cfg_8", "b": "nope"}]'], r"unknown: \['nope'\]"),
+])
+def test_bad_input_fails_before_any_sampling(tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate.main(["--config", SMOKE, "--output_dir", str(tmp_path / "out"), *args])
+    assert not (tmp_path / "out").exists()
+
+
 def test_missing_export_fails_clearly_before_any_work(tmp_path):
     with pytest.raises(MissingExport, match=r"'missing_student'.*outputs/does/not/exist.*configs/cfg_distill\.yaml"):
-        evaluate.main(["--config", SMOKE, "--output_dir", str(tmp_path), "--methods", json.dumps([MISSING])])
+        evaluate.main(["--config", SMOKE, "--output_dir", str(tmp_path), "--methods", json.dumps([MISSING]),
+                       "--comparisons", "[]"])
     assert not any(tmp_path.iterdir())
 
 
 def test_reference_cannot_be_skipped(tmp_path):
     with pytest.raises(MissingExport, match="reference"):
         evaluate.main(["--config", SMOKE, "--output_dir", str(tmp_path), "--skip_missing", "true",
-                       "--methods", json.dumps([MISSING])])
+                       "--methods", json.dumps([MISSING]), "--comparisons", "[]"])
 
 
 def test_full_config_parses_and_lists_the_paper_rows():
@@ -111,8 +159,8 @@ def test_full_config_parses_and_lists_the_paper_rows():
                                                                     "taylorseer"}
     full_steps = {n: len(disca_schedule(specs[n])) for n in ("disca_n2", "disca_n3", "disca_n4")}
     assert full_steps == {"disca_n2": 13, "disca_n3": 11, "disca_n4": 8}  # paper appendix 6.3
-    assert specs["disca_n4_reuse"].predictor == "reuse" and specs["disca_n4_r1"].model == "outputs/restricted_meanflow_r1/export"
-    assert [n for n, m in specs.items() if m.ablation] == ["disca_n4", "disca_n4_r1", "disca_n4_reuse", "disca_n4_nogan"]
+    assert specs["disca_n4_reuse"].predictor == "reuse" and specs["disca_n4_mf"].model == "outputs/meanflow/export"
+    assert [n for n, m in specs.items() if m.ablation] == ["disca_n4", "disca_n4_mf", "disca_n4_reuse", "disca_n4_nogan"]
 
 
 def test_help_documents_the_options():
@@ -208,15 +256,15 @@ def test_measure_counts_nfe_flops_and_cache(tiny_mmdit, tiny_video):
         velocity = ModelVelocity(tiny_mmdit, text, mode="cfg", cfg_scale=4.0, null_text=null)
         return sample(velocity, tiny_video, grid), velocity
 
-    eff = efficiency.measure(plain, torch.device("cpu"), resident_bytes=123, warmup=0, repeats=2)
+    eff = efficiency.measure(plain, torch.device("cpu"), resident_bytes=123)
     assert eff.nfe_dit == eff.nfe_dit_effective == 8 and eff.nfe_predictor == 0 and eff.cache_bytes == 0
-    assert len(eff.latency_runs_s) == 2 and eff.flops > 0 and eff.peak_memory_bytes > 123
+    assert eff.flops > 0 and eff.peak_memory_bytes > 123
 
     def cached():
         velocity = make_velocity(spec, store, tiny_text(2), null)
         return sample(velocity, tiny_video, grid), velocity
 
-    eff = efficiency.measure(cached, torch.device("cpu"), resident_bytes=0, warmup=0, repeats=1)
+    eff = efficiency.measure(cached, torch.device("cpu"), resident_bytes=0)
     # FORA (N=2) on 4 steps computes steps 0, 1, 3 (first, then anchored to the last step): 3 of 4 calls
     assert eff.nfe_dit == 8 and eff.nfe_dit_effective == pytest.approx(6.0) and eff.cache_bytes > 0
 
@@ -225,6 +273,83 @@ def test_speedup_rejects_zero_cost():
     assert efficiency.speedup(10.0, 2.0) == 5.0
     with pytest.raises(ValueError):
         efficiency.speedup(1.0, 0.0)
+
+
+class FakeClock:
+    """A clock that a fake run advances by its cost times the machine's current load."""
+
+    def __init__(self):
+        self.now, self.calls = 0.0, []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def runner(self, name: str, cost: float, loads: list[float]):
+        def run():
+            self.calls.append(name)
+            self.now += cost * loads[min(len([c for c in self.calls if c == name]) - 1, len(loads) - 1)]
+        return run
+
+
+def test_interleaved_timing_cancels_a_changing_load():
+    clock = FakeClock()
+    loads = [1.0, 1.0, 3.0, 1.0, 8.0, 2.0]  # the machine's load per round (first: the warm-up pair)
+    method, reference = clock.runner("m", 2.0, loads), clock.runner("ref", 10.0, loads)
+    method_s, reference_s = efficiency.interleaved_times(method, reference, rounds=5, warmup=1, clock=clock)
+    assert clock.calls == ["ref", "m", "ref", "m", "m", "ref", "ref", "m", "m", "ref", "ref", "m"]
+    assert reference_s == [10.0, 30.0, 10.0, 80.0, 20.0] and method_s == [2.0, 6.0, 2.0, 16.0, 4.0]
+    sp = efficiency.speedup_stats(reference_s, method_s)
+    assert sp.median == sp.q1 == sp.q3 == sp.low == sp.high == 5.0 and not sp.too_wide(0.25)
+
+
+def test_speedup_stats_median_and_spread():
+    sp = efficiency.speedup_stats([10.0, 10.0, 10.0, 10.0, 10.0], [1.0, 2.0, 2.5, 5.0, 10.0])
+    assert sp.ratios == [10.0, 5.0, 4.0, 2.0, 1.0]
+    assert (sp.median, sp.q1, sp.q3, sp.low, sp.high) == (4.0, 2.0, 5.0, 1.0, 10.0)
+    assert sp.relative_iqr == pytest.approx(0.75) and sp.too_wide(0.25) and not sp.too_wide(1.0)
+    with pytest.raises(ValueError, match="one reference time per method time"):
+        efficiency.speedup_stats([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="rounds"):
+        efficiency.interleaved_times(lambda: None, lambda: None, rounds=0)
+
+
+# --- report rendering -------------------------------------------------------------------------------------
+def test_interval_and_paired_difference_rendering():
+    row = {"semantic": 0.7812, "semantic_lo": 0.75, "semantic_hi": 0.8234, "psnr": 21.38, "psnr_lo": 20.9,
+           "psnr_hi": 21.85}
+    assert report.fmt_ci(row, "semantic") == "78.1 [75.0, 82.3]"
+    assert report.fmt_ci(row, "psnr", "{:.2f}") == "21.38 [20.90, 21.85]"
+    assert report.fmt_diff([0.054, 0.012, 0.098], "semantic") == "+5.4 [+1.2, +9.8]"
+    assert report.fmt_diff([-0.004, -0.021, 0.013], "digit_acc") == "-0.4 [-2.1, +1.3]"
+    assert report.fmt_diff([0.0004, 0.0001, 0.0008], "ssim") == "+0.04 [+0.01, +0.08]"  # not "+0.0 [+0.0, ...]"
+    assert report.fmt_diff(None, "semantic") == "—"
+    assert report.verdict([0.05, 0.01, 0.09], "A", "B") == "**A** better"
+    assert report.verdict([-0.05, -0.09, -0.01], "A", "B") == "**B** better"
+    assert report.verdict([0.05, -0.01, 0.09], "A", "B") == "no difference shown (interval contains 0)"
+    table = report.comparisons_table([{"label": "R=0.2 vs R=1.0", "metric": "semantic", "a_value": 0.786,
+                                       "b_value": 0.768, "diff": [0.018, 0.004, 0.031],
+                                       "verdict": report.verdict([0.018, 0.004, 0.031], "R=0.2", "R=1.0")}])
+    assert "| R=0.2 vs R=1.0 | semantic | 78.6 | 76.8 | +1.8 [+0.4, +3.1] | **R=0.2** better |" in table
+    ssim = report.comparisons_table([{"label": "x", "metric": "ssim", "a_value": 0.7, "b_value": 0.6,
+                                      "diff": [0.1, -0.02, 0.2], "verdict": "v"}])
+    assert "| x | SSIM | 70.0 | 60.0 | +10.0 [-2.0, +20.0] | v |" in ssim
+    speed = {"speedup": 4.33, "speedup_q1": 4.1, "speedup_q3": 4.52, "speedup_too_noisy": False}
+    assert report.fmt_speed(speed) == "4.33× [4.10–4.52]"
+    assert report.fmt_speed(speed | {"speedup_too_noisy": True}).endswith("⚠")
+
+
+def test_completed_steps_and_early_stop_notice():
+    done = {"stage_dir": "outputs/meanflow_r1", "completed_steps": 150, "max_steps": 150, "max_time": None,
+            "stopped_early": False}
+    early = {"stage_dir": "outputs/restricted_meanflow", "completed_steps": 25, "max_steps": 150,
+             "max_time": "00:00:08:00", "stopped_early": True}
+    assert report.fmt_steps({"training": {"model": done}}) == "150/150"
+    assert report.fmt_steps({"training": {"model": early, "predictor": done}}) == "25/150 ⚠ stopped early; P 150/150"
+    assert report.fmt_steps({"training": {"model": None}}) == "—"
+    assert report.training_notice({"outputs/meanflow_r1": done}) == []
+    notice = "\n".join(report.training_notice({"outputs/meanflow_r1": done, "outputs/restricted_meanflow": early}))
+    assert "stopped before its step budget" in notice and "`outputs/restricted_meanflow`: 25 of 150 steps" in notice
+    assert "meanflow_r1" not in notice
 
 
 def test_grid_frames_layout():

@@ -275,7 +275,7 @@ def test_smoke_config_trains_and_logs_the_adversarial_scalars(tmp_path):
     load_predictor(tmp_path / "export", backbone)  # the export names the backbone it belongs to
 
 
-@pytest.mark.parametrize("name", ["predictor_gan", "predictor_gan_nogan", "predictor_gan_r1"])
+@pytest.mark.parametrize("name", ["predictor_gan", "predictor_gan_nogan", "predictor_gan_meanflow"])
 def test_real_configs_run_on_a_stage2_export(tmp_path, name):
     """The shipped configs, shrunk: a random 'small' stage-2 export stands in for outputs/.../export."""
     import train

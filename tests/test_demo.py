@@ -1,0 +1,79 @@
+"""The demo's budgets: equal step budgets for the arms of each comparison and no time caps
+(configs/demo.yaml, scripts/demo.py), and the completed steps read back from a real run's checkpoint,
+including a run that a time cap stopped early (evaluation/progress.py)."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+import train
+from evaluation import report
+from evaluation.progress import stage_progress
+from scripts import demo
+from tests.conftest import ROOT
+
+DEMO = yaml.safe_load((ROOT / "configs/demo.yaml").read_text())
+STAGES = {s["name"]: s for s in DEMO["stages"]}
+
+
+def option(stage: dict, flag: str, default=None):
+    args = [str(a) for a in [*stage["overrides"], *stage.get("extra", [])]]
+    return args[len(args) - 1 - args[::-1].index(flag) + 1] if flag in args else default
+
+
+def test_demo_has_no_time_caps_and_equal_budgets():
+    for stage in DEMO["stages"]:
+        assert demo.budget(stage)["max_time"] is None, stage["name"]
+    demo.check_equal_budgets(DEMO["stages"], DEMO["equal_budgets"])
+    r_arms = {"restricted_meanflow", "restricted_meanflow_r04"} | {n for n in STAGES if "meanflow_r1" in n}
+    assert any(r_arms <= set(group) for group in DEMO["equal_budgets"])
+
+
+def test_gan_and_no_gan_predictors_see_the_same_batches():
+    def batches(stage: dict) -> int:
+        steps = int(demo.budget(stage)["max_steps"])
+        lam = float(option(stage, "--model.init_args.lam", yaml.safe_load(
+            (ROOT / stage["config"]).read_text())["model"]["init_args"]["lam"]))
+        if lam == 0:  # MSE only: one optimizer step per batch
+            return steps
+        warmup = int(option(stage, "--model.init_args.mse_warmup_steps"))
+        return warmup + (steps - warmup) // 2  # then a D and a P step per batch
+
+    assert batches(STAGES["predictor_gan"]) == batches(STAGES["predictor_gan_nogan"]) == 130
+
+
+def test_unequal_arms_are_refused():
+    stages = [dict(STAGES["restricted_meanflow"]),
+              {**STAGES["restricted_meanflow_r04"], "extra": ["--trainer.max_time", "00:00:08:00"]}]
+    with pytest.raises(SystemExit, match="must have equal step budgets and time caps"):
+        demo.check_equal_budgets(stages, [["restricted_meanflow", "restricted_meanflow_r04"]])
+    stages[1] = {**STAGES["restricted_meanflow_r04"], "extra": ["--trainer.max_steps", "75"]}
+    with pytest.raises(SystemExit, match="'max_steps': '75'"):
+        demo.check_equal_budgets(stages, [["restricted_meanflow", "restricted_meanflow_r04"]])
+    with pytest.raises(SystemExit, match="unknown stages \\['nope'\\]"):
+        demo.check_equal_budgets(stages, [["restricted_meanflow", "nope"]])
+
+
+def fit(run, data, *overrides: str):
+    cli = train.build_cli(["--config", str(ROOT / "configs/smoke/teacher_pretrain.yaml"),
+                           "--trainer.default_root_dir", str(run), "--data.init_args.data_dir", str(data),
+                           "--trainer.enable_progress_bar", "false", *overrides])
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return cli
+
+
+def test_completed_steps_of_real_runs_full_and_stopped_early_by_a_time_cap(tmp_path):
+    fit(tmp_path / "full", tmp_path / "data", "--trainer.max_steps", "13")  # ends between checkpoints (every 10)
+    full = stage_progress(tmp_path / "full" / "export")
+    assert (full["completed_steps"], full["max_steps"], full["stopped_early"]) == (13, 13, False)
+    assert demo.progress_line(full) == "completed 13 of 13 steps"
+
+    run = tmp_path / "run"
+    cli = fit(run, tmp_path / "data", "--trainer.max_steps", "100000", "--trainer.max_time", "00:00:00:02")
+    progress = stage_progress(run / "export")
+    assert 0 < progress["completed_steps"] == cli.trainer.global_step < 100000
+    assert progress["max_steps"] == 100000 and progress["max_time"] == "00:00:00:02" and progress["stopped_early"]
+    assert demo.progress_line(progress).startswith("WARNING: completed")
+    notice = "\n".join(report.training_notice({progress["stage_dir"]: progress}))
+    assert f"{progress['completed_steps']} of 100000 steps (max_time 00:00:00:02)" in notice
+    assert stage_progress(tmp_path / "no_stage" / "export") is None  # e.g. the shipped teacher

@@ -95,6 +95,11 @@ class Comparison:
     margin: float | None = None
     """a relative tolerance ("A within 3 % of B": 0.03): also reports whether the interval of A - B stays
     above -margin * B"""
+    c: str | None = None
+    """with `d`: compare two differences, (A - B) - (C - D) on the same prompts and noise (e.g. a cache's
+    drop on the distilled model against its drop on the teacher, paper Figure 1)"""
+    d: str | None = None
+    """method name, see `c`"""
 
 
 @dataclass
@@ -176,7 +181,10 @@ class EvalConfig:
         if self.timing.max_spread <= 0:
             raise ValueError(f"timing.max_spread must be > 0, got {self.timing.max_spread}")
         for c in self.comparisons:
-            unknown = [n for n in (c.a, c.b) if n not in names]
+            if (c.c is None) != (c.d is None) or (c.c is not None and c.margin is not None):
+                raise ValueError(f"comparison {c.a!r} vs {c.b!r}: give both c and d (a difference of differences) "
+                                 f"or neither, and no margin with them; got c={c.c!r}, d={c.d!r}, margin={c.margin}")
+            unknown = [n for n in (c.a, c.b, c.c, c.d) if n is not None and n not in names]
             bad = [m for m in c.metrics if m not in report.COMPARABLE_KEYS]
             if unknown or bad or not c.metrics or c.a == c.b or (c.margin is not None and c.margin <= 0):
                 raise ValueError(f"comparison {c.a!r} vs {c.b!r}: needs two different method names (unknown: "
@@ -289,9 +297,13 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
         per_video[r["name"]]["ssim"] = metrics.ssim(videos[r["name"]], videos[reference]).double().numpy()
         r["theoretical_speedup"] = efficiency.speedup(ref["flops"], r["flops"])
         r["theoretical_latency_s"] = ref["latency_s"] / r["theoretical_speedup"]
-    pairs = [asdict(c) for c in cfg.comparisons if c.a in per_video and c.b in per_video]
+
+    def evaluated(c: Comparison) -> bool:
+        return all(n in per_video for n in (c.a, c.b, c.c, c.d) if n is not None)
+
+    pairs = [asdict(c) for c in cfg.comparisons if evaluated(c)]
     skipped |= {f"comparison {c.a} vs {c.b}": "a method it compares was skipped" for c in cfg.comparisons
-                if c.a not in per_video or c.b not in per_video}
+                if not evaluated(c)}
     comparisons = report.add_statistics(rows, per_video, reference, pairs, cfg.num_videos, indices, boot.level)
 
     n_gif = min(cfg.output.gif_videos, prompts.real.shape[0])

@@ -103,16 +103,27 @@ def compare(per_video: dict[str, dict[str, np.ndarray]], labels: dict[str, str],
             num_prompts: int, indices: np.ndarray, level: float = stats.LEVEL) -> list[dict]:
     """One entry per (pair, metric) for `pairs` = [{a, b, label, metrics, margin}] of evaluated methods.
     With a relative `margin`, A counts as within it of B when the interval's lower end of A - B lies
-    above -margin * B (a target such as "within 3 % of the teacher")."""
+    above -margin * B (a target such as "within 3 % of the teacher").
+    With `c` and `d`, the entry compares two differences on the same prompts and noise: "A" is A − B, "B"
+    is C − D, and the interval is that of (A − B) − (C − D)."""
     out = []
     for pair in pairs:
         a, b, margin = pair["a"], pair["b"], pair.get("margin")
-        diffs = paired(per_video[a], per_video[b], pair["metrics"], num_prompts, indices, level)
+        first, second = per_video[a], per_video[b]
+        name_a, name_b = labels[a], labels[b]
+        if pair.get("c") is not None:
+            c, d = per_video[pair["c"]], per_video[pair["d"]]
+            first = {k: per_video[a][k] - per_video[b][k] for k in pair["metrics"]}
+            second = {k: c[k] - d[k] for k in pair["metrics"]}
+            name_a, name_b = f"({labels[a]}) − ({labels[b]})", f"({labels[pair['c']]}) − ({labels[pair['d']]})"
+        diffs = paired(first, second, pair["metrics"], num_prompts, indices, level)
         for key, diff in diffs.items():
-            b_value = float(np.mean(per_video[b][key]))
-            entry = {"label": pair.get("label") or f"{labels[a]} vs {labels[b]}", "a": a, "b": b, "metric": key,
-                     "a_value": float(np.mean(per_video[a][key])), "b_value": b_value, "diff": diff,
-                     "verdict": verdict(diff, labels[a], labels[b])}
+            b_value = float(np.mean(second[key]))
+            entry = {"label": pair.get("label") or f"{name_a} vs {name_b}", "a": a, "b": b, "metric": key,
+                     "a_value": float(np.mean(first[key])), "b_value": b_value, "diff": diff,
+                     "verdict": verdict(diff, name_a, name_b)}
+            if pair.get("c") is not None:
+                entry |= {"c": pair["c"], "d": pair["d"]}
             if margin is not None:  # non-inferiority: the whole interval above -margin * B
                 entry["within_margin"] = diff[1] > -margin * abs(b_value)
                 entry["verdict"] += (f"; within {100 * margin:g} % of B: "

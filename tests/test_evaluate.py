@@ -122,6 +122,11 @@ def test_comparisons_are_paired_differences_with_verdicts(smoke):
     assert rows["meanflow_4"]["vs_reference"]["semantic"][0] == pytest.approx(
         rows["meanflow_4"]["semantic"] - rows["teacher_cfg_8"]["semantic"], abs=1e-9)
     assert set(rows["disca_reuse"]["vs_full"]) == set(report.DELTA_KEYS)
+    dd = next(c for c in result["comparisons"] if c.get("c") == "disca_n2")
+    drop_fora = rows["fora_n2"]["semantic"] - rows["cfg_distilled_4"]["semantic"]
+    drop_disca = rows["disca_n2"]["semantic"] - rows["meanflow_4"]["semantic"]
+    assert dd["a_value"] == pytest.approx(drop_fora, abs=1e-9) and dd["b_value"] == pytest.approx(drop_disca, abs=1e-9)
+    assert dd["diff"][0] == pytest.approx(drop_fora - drop_disca, abs=1e-9) and dd["diff"][1] <= dd["diff"][2]
 
 
 @pytest.mark.parametrize("args, match", [
@@ -129,6 +134,7 @@ def test_comparisons_are_paired_differences_with_verdicts(smoke):
     (["--seeds", "[3, 3]"], r"seeds \[3, 3\] repeat a seed"),
     (["--num_videos", "1"], r"num_videos=1: the bootstrap intervals .* need at least 2 videos"),
     (["--comparisons", '[{"a": "teacher_cfg_8", "b": "nope"}]'], r"unknown: \['nope'\]"),
+    (["--comparisons", '[{"a": "teacher_cfg_8", "b": "meanflow_4", "c": "fora_n2"}]'], r"give both c and d"),
 ])
 def test_bad_input_fails_before_any_sampling(tmp_path, args, match):
     with pytest.raises(ValueError, match=match):

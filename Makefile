@@ -4,7 +4,7 @@ PY      := $(VENV)/bin/python
 DEVICE  ?= cpu
 STAMP   := $(VENV)/.installed-stamp
 
-.PHONY: install demo test teacher smoke clean-outputs
+.PHONY: install demo reproduce test teacher smoke clean-outputs
 
 install: $(STAMP)
 
@@ -24,6 +24,11 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py --device $(DEVICE)
+
+# The paper's claims at the stage configs' own budgets (~8 h on 2 CPU cores; resumable: rerun after an
+# interruption); results/reproduction/ gets the reports, logs, timings and machine (configs/reproduce.yaml).
+reproduce: $(STAMP)
+	$(PY) scripts/demo.py --config configs/reproduce.yaml --device $(DEVICE)
 
 # Retrain (or continue training) the shipped default teacher; see README "The default world and teacher".
 # Resumes outputs/teacher when its checkpoint is there; `make teacher TEACHER_INIT=assets/teacher` instead

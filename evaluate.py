@@ -150,6 +150,9 @@ class EvalConfig:
     """torch CPU threads during the evaluation (None = torch's default; restored afterwards)"""
     teacher: str = "assets/teacher"
     """the stage-0 export; method entries refer to it as ${teacher} (resolved after overrides)"""
+    stages: str = "outputs"
+    """root of the stage runs (<stages>/<stage>/export); method entries refer to it as ${stages}, so
+    `--stages outputs/reproduction` evaluates another set of runs with the same config"""
     bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
     """intervals"""
     comparisons: list[Comparison] = field(default_factory=list)

@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max_length", type=int, default=MAX_LENGTH, help="text tokens per prompt")
     p.add_argument("--num_frames", type=int, default=world.NUM_FRAMES, help="moving_digits: frames")
     p.add_argument("--size", type=int, default=world.FRAME_SIZE, help="moving_digits: frame size in pixels")
+    p.add_argument("--balanced_val", action="store_true",
+                   help="moving_digits: every digit equally often in val (video i shows digit i mod 10)")
     p.add_argument("--video_dir", help="videos: folder of .npy clips and prompts.json")
     p.add_argument("--vae", help="videos: local diffusers VAE directory")
     p.add_argument("--device", default="cpu", help="videos: device for the VAE")
@@ -37,7 +39,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.source == "moving_digits":
         meta = prepare_moving_digits(args.out, args.num_train, args.num_val, args.shard_size, args.seed,
-                                     args.max_length, num_frames=args.num_frames, size=args.size)
+                                     args.max_length, num_frames=args.num_frames, size=args.size,
+                                     balanced_val=args.balanced_val)
     else:
         if not args.video_dir or not args.vae:
             p.error("--source videos needs --video_dir and --vae")

@@ -159,18 +159,24 @@ def render_video(image28: Tensor, color: str, direction: str, start_xy: tuple[in
 
 
 def sample_world(num: int, split: str, seed: int, num_frames: int = NUM_FRAMES, size: int = FRAME_SIZE,
-                 digit_size: int = DIGIT_SIZE, speed: int = SPEED, split_seed: int = SPLIT_SEED
-                 ) -> tuple[Tensor, dict[str, Tensor], list[str]]:
+                 digit_size: int = DIGIT_SIZE, speed: int = SPEED, split_seed: int = SPLIT_SEED,
+                 balanced_digits: bool = False) -> tuple[Tensor, dict[str, Tensor], list[str]]:
     """Draw `num` random videos: (N, 3, F, H, W) float32, int64 labels {digit, color, direction}, prompts.
 
     Image, colour, direction and start position are drawn uniformly from a generator seeded with
-    `seed`, so the same arguments always give the same videos.
+    `seed`, so the same arguments always give the same videos. `balanced_digits`: video i shows digit
+    i mod 10 (an image drawn uniformly from that digit's images), so every digit is equally frequent
+    (an evaluation prompt set balanced over the ten digits).
     """
     if num < 0:
         raise ValueError(f"num must be >= 0, got {num}")
     images, digits = load_mnist_split(split, split_seed)
     gen = torch.Generator().manual_seed(seed)
     image_idx = torch.randint(len(images), (num,), generator=gen)
+    if balanced_digits:
+        by_digit = [torch.nonzero(digits == d).flatten() for d in range(NUM_DIGITS)]
+        image_idx = torch.stack([by_digit[i % NUM_DIGITS][image_idx[i] % len(by_digit[i % NUM_DIGITS])]
+                                 for i in range(num)]) if num else image_idx
     colors = torch.randint(len(COLOR_NAMES), (num,), generator=gen)
     directions = torch.randint(len(DIRECTION_NAMES), (num,), generator=gen)
     offsets = torch.rand(num, 2, generator=gen)  # uniform in [0, 1), scaled to each direction's range

@@ -125,8 +125,10 @@ def _shard_seed(seed: int, split: str, index: int) -> int:
 def prepare_moving_digits(out: str | Path, num_train: int = 20000, num_val: int = 512, shard_size: int = 4096,
                           seed: int = 0, max_length: int = MAX_LENGTH, encoder: TextEncoder | None = None,
                           num_frames: int = world.NUM_FRAMES, size: int = world.FRAME_SIZE,
-                          digit_size: int = world.DIGIT_SIZE, speed: int = world.SPEED) -> dict:
-    """Render the default world into shards: train from training digits, val from held-out digits."""
+                          digit_size: int = world.DIGIT_SIZE, speed: int = world.SPEED,
+                          balanced_val: bool = False) -> dict:
+    """Render the default world into shards: train from training digits, val from held-out digits
+    (`balanced_val`: every digit equally often in val, world.sample_world's `balanced_digits`)."""
     out = _start(out)
     encoder = encoder or TextEncoder()
     params = world.world_params(num_frames, size, digit_size, speed)
@@ -134,14 +136,16 @@ def prepare_moving_digits(out: str | Path, num_train: int = 20000, num_val: int 
 
     def chunks(split: str, num: int) -> Iterator[Chunk]:
         for i, n in enumerate(_chunk_sizes(num, shard_size)):
-            yield world.sample_world(n, split, _shard_seed(seed, split, i), **render)
+            yield world.sample_world(n, split, _shard_seed(seed, split, i), **render,
+                                     balanced_digits=balanced_val and split == "val")
 
     splits = {split: _write_split(out, split, chunks(split, num), encoder, max_length)
               for split, num in (("train", num_train), ("val", num_val))}
     vocab = {"digits": list(range(world.NUM_DIGITS)), "colors": list(world.COLOR_NAMES),
              "directions": list(world.DIRECTION_NAMES)}
     latent_shape = (3, num_frames, size, size)
-    return _finish(out, splits, latent_shape, encoder, max_length, {**params, "latent_space": "pixels"}, vocab, seed)
+    return _finish(out, splits, latent_shape, encoder, max_length,
+                   {**params, "latent_space": "pixels", "balanced_val": balanced_val}, vocab, seed)
 
 
 # ---- user videos through a diffusers VAE ----

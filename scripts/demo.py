@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> Path:
     stage_cfgs = OmegaConf.to_container(cfg.stages)
     check_equal_budgets(stage_cfgs, OmegaConf.to_container(cfg.get("equal_budgets", [])))
     py = sys.executable
-    marks = ROOT / cfg.output_root / "demo"
+    marks = ROOT / cfg.get("state_dir", f"{cfg.output_root}/demo")
     logs = marks / "logs"
     total = time.time()
     timings: dict[str, float | None] = {}  # seconds per stage run now; None = done earlier
@@ -90,20 +90,23 @@ def main(argv: list[str] | None = None) -> Path:
         overrides = list(s.overrides) + list(s.get("extra", [])) + extra_stage
         if s.name == "cfg_distill":
             overrides += ["--model.init_args.teacher.init_args.directory", str(teacher)]
-        stage(s.name, [py, "train.py", "--config", s.config, *overrides,
-                       *_resume(f"{cfg.output_root}/{s.name}")])
+        root = f"{cfg.output_root}/{s.name}"
+        stage(s.name, [py, "train.py", "--config", s.config, "--trainer.default_root_dir", root, *overrides,
+                       *_resume(root)])
         progress[s.name] = stage_progress(ROOT / cfg.output_root / s.name / "export")
         print(f"[{s.name}] {progress_line(progress[s.name])}", flush=True)
     (marks / "stages.json").write_text(json.dumps(progress, indent=1))
     # 4. TeaCache calibration for the cache baselines
     stage("teacache_calibration", [py, "calibrate_teacache.py", *cfg.teacache])
-    # 5. evaluation (always rerun: it is the report)
+    # 5. evaluation (always rerun: it is the report); `extra_evaluations` (e.g. Figure 1) run after it
     out = Path(cfg.evaluate.output_dir)
-    ev = [py, "evaluate.py", "--config", cfg.evaluate.config, "--output_dir", str(out), *cfg.evaluate.overrides]
-    if args.device == "cuda":
-        ev += ["--device", "cuda", "--teacher", str(teacher)]
-    print("[evaluate]", flush=True)
-    timings["evaluate"] = run(ev, logs / "evaluate.log")
+    for i, ev_cfg in enumerate([cfg.evaluate, *cfg.get("extra_evaluations", [])]):
+        ev = [py, "evaluate.py", "--config", ev_cfg.config, "--output_dir", ev_cfg.output_dir, *ev_cfg.overrides]
+        if args.device == "cuda":
+            ev += ["--device", "cuda", "--teacher", str(teacher)]
+        name = "evaluate" if i == 0 else f"evaluate_{Path(ev_cfg.output_dir).name}"
+        print(f"[{name}]", flush=True)
+        timings[name] = run(ev, logs / f"{name}.log")
     report = ROOT / out / "report.md"
     timings["total"] = time.time() - total
     (marks / "timings.json").write_text(json.dumps(timings, indent=1))
@@ -116,8 +119,46 @@ def main(argv: list[str] | None = None) -> Path:
         print(f"\nWARNING: stages below their step budget (see the report's first lines): {early}")
     if unknown:
         print(f"\nWARNING: completed steps unknown (no training_state.json beside the export): {unknown}")
+    if cfg.get("collect_to"):
+        report = collect(ROOT / cfg.collect_to, ROOT / out, ROOT / cfg.output_root, progress, marks)
+        for ev_cfg in cfg.get("extra_evaluations", []):
+            collect(ROOT / cfg.collect_to / Path(ev_cfg.output_dir).name, ROOT / ev_cfg.output_dir,
+                    ROOT / cfg.output_root, {}, marks)
     print(f"\ndemo finished in {timings['total'] / 60:.1f} min\nreport: {report}\nlogs: {logs}")
     return report
+
+
+def collect(dest: Path, eval_dir: Path, output_root: Path, progress: dict, marks: Path) -> Path:
+    """Copy what a run is judged by (no weights) into `dest`, e.g. results/reproduction/ to be committed:
+    the evaluation's report.md / results.json / results.csv / per_video.csv / pareto.png, every stage's
+    training log (its CSVLogger metrics.csv), stages.json and timings.json, and machine.json (the commit,
+    the machine and the library versions the run used)."""
+    import platform
+    import shutil
+
+    import torch
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "results.json", "results.csv", "per_video.csv", "pareto.png"):
+        if (eval_dir / name).exists():
+            shutil.copy2(eval_dir / name, dest / name)
+    for name in progress:
+        log = output_root / name / "csv" / "metrics.csv"
+        if log.exists():
+            (dest / "training_logs").mkdir(exist_ok=True)
+            shutil.copy2(log, dest / "training_logs" / f"{name}.csv")
+    for name in ("stages.json", "timings.json"):
+        if (marks / name).exists():
+            shutil.copy2(marks / name, dest / name)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    machine = {"commit": commit or None, "uncommitted_changes": bool(dirty), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+               "platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+               "python": platform.python_version(), "torch": torch.__version__,
+               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    (dest / "machine.json").write_text(json.dumps(machine, indent=1))
+    return dest / "report.md"
 
 
 def budget(stage: dict) -> dict[str, str | None]:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 import evaluate
 import train
@@ -47,14 +48,34 @@ def test_config_parses(path: Path, tmp_path):
         moved = evaluate.build_parser().parse_args(["--config", str(path), "--teacher", str(tmp_path / "t")])
         for before, after in zip(cfg.methods, moved.methods):
             assert after.model == (str(tmp_path / "t") if before.model == cfg.teacher else before.model)
-    else:
-        demo = yaml.safe_load(path.read_text())
-        for stage in demo["stages"]:  # the demo's overrides are valid for the stage's config
+    else:  # a pipeline of scripts/demo.py (make demo, make reproduce), interpolations resolved
+        demo = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        for stage in demo["stages"]:  # the pipeline's overrides are valid for the stage's config
             overrides = [*map(str, stage["overrides"]), *map(str, stage.get("extra", []))]
             cfg = train.parse_config(["--config", str(ROOT / stage["config"]), *overrides,
                                       "--trainer.default_root_dir", str(tmp_path)])
-            assert cfg.trainer.max_steps == int(overrides[overrides.index("--trainer.max_steps") + 1])
-        assert (ROOT / demo["evaluate"]["config"]).is_file()
+            own = yaml.safe_load((ROOT / stage["config"]).read_text())["trainer"]["max_steps"]
+            given = overrides[overrides.index("--trainer.max_steps") + 1] if "--trainer.max_steps" in overrides else own
+            assert cfg.trainer.max_steps == int(given)
+        for ev in [demo["evaluate"], *demo.get("extra_evaluations", [])]:
+            cfg = evaluate.build_parser().parse_args(["--config", str(ROOT / ev["config"]), *map(str, ev["overrides"])])
+            assert cfg.methods
+
+
+def test_reproduce_runs_every_stage_at_its_own_budget_on_its_own_outputs():
+    """make reproduce: no step overrides, and every stage reads its inputs from the run's own root."""
+    cfg = OmegaConf.to_container(OmegaConf.load(ROOT / "configs/reproduce.yaml"), resolve=True)
+    root = cfg["output_root"]
+    for stage in cfg["stages"]:
+        overrides = [str(a) for a in stage["overrides"]]
+        assert "--trainer.max_steps" not in overrides and "--trainer.max_time" not in overrides, stage["name"]
+        dirs = [overrides[i + 1] for i, a in enumerate(overrides) if a.endswith(".init_args.directory")]
+        assert all(d.startswith(root + "/") for d in dirs), stage["name"]
+        assert stage["name"] == "cfg_distill" or dirs, stage["name"]
+    ev = evaluate.build_parser().parse_args(["--config", str(ROOT / cfg["evaluate"]["config"]),
+                                             *map(str, cfg["evaluate"]["overrides"])])
+    assert ev.num_videos >= 512 and len(ev.seeds) >= 2
+    assert all(m.model.startswith(root) or m.model == ev.teacher for m in ev.methods)
 
 
 def test_unknown_key_is_rejected(tmp_path):

@@ -75,3 +75,12 @@ def test_sample_world_is_deterministic_and_prompts_match_labels():
 def test_sample_world_other_sizes():
     videos, _, _ = world.sample_world(3, "train", seed=0, num_frames=4, size=32)
     assert videos.shape == (3, 3, 4, 32, 32)
+
+
+def test_balanced_digits_cycles_through_every_digit():
+    _, labels, prompts = world.sample_world(25, "val", seed=3, balanced_digits=True)
+    assert labels["digit"].tolist() == [i % 10 for i in range(25)]
+    assert all(f" {i % 10} " in p for i, p in enumerate(prompts))
+    _, plain, _ = world.sample_world(25, "val", seed=3)
+    # colours and directions are the same draws as without balancing
+    assert torch.equal(plain["color"], labels["color"]) and torch.equal(plain["direction"], labels["direction"])

@@ -193,6 +193,22 @@ class LatentVideoDataModule(L.LightningDataModule):
             self._metadata = load_metadata(self.data_dir, self.verify_checksums)
             self.datasets = {split: ShardedLatentDataset(self.data_dir, info["shards"])
                              for split, info in self._metadata["splits"].items()}
+        if stage == "fit":
+            self._check_fit_splits()
+
+    def _check_fit_splits(self) -> None:
+        """Fail before training, not after it: a training split with no full batch would "finish" at
+        once with no export, and a missing validation split used to surface as a bare StopIteration at
+        the first validation."""
+        train = len(self._split("train"))
+        if train == 0 or (self.drop_last and train < self.batch_size):
+            raise ValueError(f"{self.data_dir}: the train split has {train} samples, fewer than one batch of "
+                             f"{self.batch_size}{' (drop_last)' if self.drop_last else ''}: no training step would run")
+        limit = getattr(self.trainer, "limit_val_batches", 1) if self.trainer is not None else 1
+        if limit and len(self.datasets.get("val", ())) == 0:
+            raise ValueError(f"{self.data_dir} has no validation samples (splits: "
+                             f"{ {k: len(v) for k, v in self.datasets.items()} }); rebuild it with "
+                             f"`prepare.py --num_val N` (N >= 1) or set --trainer.limit_val_batches 0")
 
     @property
     def metadata(self) -> dict:

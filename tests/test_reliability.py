@@ -85,3 +85,128 @@ def test_ckpt_path_last_without_a_checkpoint_is_an_error(tmp_path):
     cli = train.build_cli(stage3_args(tmp_path / "run", tmp_path / "data") + QUIET)
     with pytest.raises(FileNotFoundError, match="no last\\*.ckpt in .*nothing to resume"):
         train.resolve_ckpt_path(cli.trainer, "last")
+
+
+# ---- item 1: a SIGKILL during a checkpoint write, with $TMPDIR on another filesystem ------------------
+
+WRITER = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from callbacks.checkpointing import SafeCheckpointIO
+state = {"state_dict": {"w": torch.zeros(4 << 20)}, "global_step": 0}  # 16 MiB
+step = 0
+while True:
+    step += 1
+    state["global_step"] = step
+    state["state_dict"]["w"].fill_(step)
+    print(step, flush=True)  # step `step` is being written now
+    SafeCheckpointIO().save_checkpoint(state, sys.argv[1])
+"""
+
+
+@pytest.fixture
+def other_filesystem(tmp_path):
+    """A directory on another filesystem than tmp_path: a fresh tmpfs (needs root), else /dev/shm."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode == 0:
+        yield mount
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+        return
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK) and shm.stat().st_dev != tmp_path.stat().st_dev:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=shm) as d:
+            yield Path(d)
+        return
+    pytest.skip(f"no second filesystem: `mount -t tmpfs` failed ({done.stderr.decode().strip()}) and /dev/shm is "
+                f"missing, read-only or on the same device as {tmp_path}")
+
+
+def _kill_mid_write(child: subprocess.Popen, directory: Path, full: int, min_size: int) -> None:
+    """SIGKILL `child` the moment a file in `directory` (the target or a temporary file beside it) holds
+    between `min_size` and 90 % of a checkpoint's bytes, i.e. while a write into that directory is under way."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        for entry in os.scandir(directory):
+            try:
+                size = entry.stat().st_size
+            except FileNotFoundError:  # renamed away meanwhile
+                continue
+            if min_size <= size < 0.9 * full:
+                child.send_signal(signal.SIGKILL)
+                child.wait()
+                return
+    child.kill()
+    raise AssertionError(f"no write into {directory} observed within 30 s")
+
+
+def test_sigkill_during_checkpoint_write_keeps_a_whole_checkpoint(tmp_path, other_filesystem):
+    """Before: Lightning wrote the temp file in $TMPDIR and moved it; across filesystems the move is a copy
+    over the old file, and a kill during it left last.ckpt truncated (EOFError on resume). The kill is
+    timed by watching the output directory: it lands while a file there is partly written."""
+    from callbacks.checkpointing import SafeCheckpointIO
+
+    out = tmp_path / "run" / "checkpoints"
+    out.mkdir(parents=True)
+    assert out.stat().st_dev != other_filesystem.stat().st_dev
+    target = out / "last.ckpt"
+    env = {**os.environ, "TMPDIR": str(other_filesystem), "OMP_NUM_THREADS": "1"}
+    seen = set()
+    for min_size in (0, 1):  # the kill lands as the temporary file appears / with part of the data written
+        child = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(ROOT)], env=env,
+                                 stdout=subprocess.PIPE, text=True)
+        first = int(child.stdout.readline())
+        assert int(child.stdout.readline()) == first + 1  # this child has written one whole checkpoint
+        _kill_mid_write(child, out, target.stat().st_size, min_size)
+        state = torch.load(target, weights_only=True, map_location="cpu")
+        step = state["global_step"]
+        assert step >= first and torch.equal(state["state_dict"]["w"], torch.full((4 << 20,), float(step)))
+        seen.update(p.name for p in out.iterdir() if p.name != "last.ckpt")
+        assert list(other_filesystem.iterdir()) == [], "nothing may be written to $TMPDIR"
+    assert all(name.startswith(".last.ckpt.") and name.endswith(".partial") for name in seen), seen
+    SafeCheckpointIO().load_checkpoint(target)  # resuming removes what the kill left next to the target
+    assert [p.name for p in out.iterdir()] == ["last.ckpt"]
+    assert target.stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---- item 3: divergence stops the run, names step, term and last good checkpoint, exports nothing -----
+
+def stage0_args(root: Path, data: Path, *extra: str) -> list[str]:
+    return ["--config", SMOKE_STAGE0, "--trainer.default_root_dir", str(root), "--data.init_args.data_dir", str(data),
+            "--trainer.val_check_interval", "100", *extra]
+
+
+def test_divergence_stops_the_run_before_export(tmp_path):
+    """Before: stage 0 at lr 1e6 trained on with grad_norm = inf, exited 0 and exported garbage."""
+    root = tmp_path / "run"
+    with pytest.raises(FloatingPointError, match=r"diverged at global step \d+: .*(gradient norm|train/).*last good "
+                                                 r"checkpoint: none"):
+        fit(stage0_args(root, tmp_path / "data", "--model.init_args.lr", "1e6", "--model.init_args.warmup_steps", "1"))
+    assert not (root / "export").exists()
+
+
+def test_loss_limit_stops_after_the_last_good_checkpoint(tmp_path):
+    """A configured loss blow-up limit: the error names the metric, its limit and the checkpoint to resume."""
+    cli = train.build_cli(stage0_args(tmp_path / "run", tmp_path / "data", "--trainer.max_steps", "14") + QUIET)
+    guard = cli.trainer.callbacks[0]
+    assert type(guard).__name__ == "DivergenceGuard"
+
+    class BlowUp(L.Callback):  # a logged loss term "explodes" after the step-10 checkpoint
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            pl_module.log("train/term", 1.0e9 if trainer.global_step >= 12 else 1.0)
+
+    cli.trainer.callbacks.insert(0, BlowUp())
+    guard.max_metrics = {"train/term": 1.0e3}
+    with pytest.raises(FloatingPointError, match=r"global step 12: train/term = 1e\+09 \(limit 1000.0\).*last good "
+                                                 r"checkpoint: .*last.ckpt"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 10

@@ -210,3 +210,119 @@ def test_loss_limit_stops_after_the_last_good_checkpoint(tmp_path):
                                                  r"checkpoint: .*last.ckpt"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert torch.load(tmp_path / "run/checkpoints/last.ckpt", weights_only=True)["global_step"] == 10
+
+
+# ---- item 4: no stale artefacts ----------------------------------------------------------------------
+
+def test_stale_digit_classifier_is_retrained_not_reused(tmp_path):
+    """Before: evaluate.py reused whatever classifier an interrupted or shorter run left in classifier_dir."""
+    from evaluation.semantic import CONFIG_FILE, WEIGHTS_FILE, ensure_digit_classifier, train_digit_classifier
+
+    quick = dict(batch_size=16)
+    train_digit_classifier(tmp_path, steps=5, **quick)  # an under-trained leftover
+    said: list[str] = []
+    _, config = ensure_digit_classifier(tmp_path, log=said.append, steps=8, **quick)
+    assert len(said) == 1 and "stale digit classifier" in said[0] and "train.steps = 5 (wanted 8)" in said[0]
+    assert config["train"]["steps"] == 8 and 0 <= config["frame_accuracy_unseen"] <= 1
+    ensure_digit_classifier(tmp_path, log=said.append, steps=8, **quick)
+    assert len(said) == 1  # a matching classifier is reused
+    (tmp_path / CONFIG_FILE).unlink()  # killed between the weights and the config
+    ensure_digit_classifier(tmp_path, log=said.append, steps=8, **quick)
+    assert len(said) == 2 and f"no {CONFIG_FILE}" in said[1] and (tmp_path / WEIGHTS_FILE).is_file()
+
+
+def test_new_run_refuses_to_replace_an_existing_export(tmp_path):
+    root, data = tmp_path / "run", tmp_path / "data"
+    fit(stage0_args(root, data, "--trainer.max_steps", "1"))
+    weights = (root / "export" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds an export .* --ckpt_path last, or delete"):
+        fit(stage0_args(root, data, "--trainer.max_steps", "2"))
+    assert (root / "export" / "model.safetensors").read_bytes() == weights
+
+
+def test_make_teacher_ships_only_when_asked():
+    def dry_run(*args: str) -> str:
+        return subprocess.run(["make", "-n", "teacher", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout
+
+    assert "assets/teacher/" not in dry_run()
+    assert "assets/teacher/" in dry_run("SHIP=1")
+
+
+# ---- item 5: prepare.py protects data; no training batches is an error ----------------------------------
+
+def prepare(*args: str) -> dict:
+    import prepare as prepare_script
+
+    return prepare_script.main(["--num_train", "8", "--num_val", "2", "--shard_size", "4", *args])
+
+
+def test_prepare_refuses_to_overwrite_and_bad_sizes(tmp_path, capsys):
+    """Before: an existing dataset was replaced without a word (a stale shard left behind), and
+    --num_train 0 / -5 were accepted."""
+    out = tmp_path / "data"
+    prepare("--out", str(out))
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~_umask() for p in out.iterdir() if p.suffix != ".txt")
+    with pytest.raises(SystemExit):
+        prepare("--out", str(out), "--num_train", "4")
+    err = capsys.readouterr().err
+    assert f"--out {out} is not empty" in err and "pass --overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    for bad in ("0", "-5"):
+        with pytest.raises(SystemExit):
+            prepare("--out", str(tmp_path / "empty"), "--num_train", bad)
+        assert f"--num_train must be >= 1, got {bad}" in capsys.readouterr().err
+    assert not (tmp_path / "empty").exists()
+
+    meta = prepare("--out", str(out), "--num_train", "4", "--overwrite")
+    names = sorted(p.name for p in out.iterdir())
+    assert meta["splits"]["train"]["num_samples"] == 4
+    assert names == ["metadata.json", "notes.txt", "null_prompt.safetensors", "train-00000.json",
+                     "train-00000.safetensors", "val-00000.json", "val-00000.safetensors"]  # no stale train-00001
+
+
+def test_training_without_batches_or_validation_fails_before_training(tmp_path):
+    """Before: training on an empty split exited 0 with no export; a dataset without validation
+    samples failed with a bare StopIteration after training."""
+    tiny, noval = tmp_path / "tiny", tmp_path / "noval"
+    prepare("--out", str(tiny), "--num_train", "2")  # fewer samples than one batch of 4
+    with pytest.raises(ValueError, match="train split has 2 samples, fewer than one batch of 4"):
+        fit(stage0_args(tmp_path / "a", tiny))
+    prepare("--out", str(noval), "--num_val", "0")
+    with pytest.raises(ValueError, match="no validation samples .*--num_val N"):
+        fit(stage0_args(tmp_path / "b", noval))
+    assert not (tmp_path / "a" / "export").exists()
+
+
+# ---- item 6: late failures moved early -------------------------------------------------------------
+
+@pytest.mark.parametrize("option, value, message", [("--timing.repeats", "0", "repeats >= 1"),
+                                                    ("--output.fps", "0", "fps > 0"),
+                                                    ("--output.scale", "0", "scale >= 1")])
+def test_evaluate_options_are_checked_at_start(tmp_path, option, value, message):
+    import evaluate
+
+    with pytest.raises(ValueError, match=message):
+        evaluate.main(["--config", str(ROOT / "configs/smoke/evaluate.yaml"), "--output_dir", str(tmp_path),
+                       option, value])
+    assert not any(tmp_path.iterdir())  # nothing sampled, nothing written
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
+    from callbacks.checkpointing import SafeCheckpointIO
+
+    junk, tensors = tmp_path / "junk.ckpt", tmp_path / "tensors.ckpt"
+    junk.write_bytes(os.urandom(5000))
+    torch.save({"w": torch.zeros(2)}, tensors)
+    for path in (junk, tensors):
+        with pytest.raises(ValueError, match="is not a Lightning checkpoint written by train.py") as err:
+            SafeCheckpointIO().load_checkpoint(path)
+        assert "weights_only=False" not in str(err.value)
+
+
+def test_negative_numbers_parse_on_the_command_line():
+    cfg = train.parse_config(["--config", SMOKE_STAGE0, "--model.init_args.lr", "-1e-3", "--seed", "-3",
+                              "--model.init_args.weight_decay", "-.5"])
+    assert (cfg.model.init_args.lr, cfg.seed, cfg.model.init_args.weight_decay) == (-1e-3, -3, -0.5)

@@ -78,15 +78,17 @@ def resolve_ckpt_path(trainer: L.Trainer, ckpt_path: str | None) -> str | None:
     dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
     found = [p for d in dirs for p in d.glob("last*.ckpt")]
     if not found:
-        raise FileNotFoundError(f"--ckpt_path last: no last*.ckpt in {[str(d) for d in dirs] or 'any checkpoint directory'}"
-                                f"; nothing to resume. Drop --ckpt_path to start a new run.")
+        where = [str(d) for d in dirs] or "any checkpoint directory"
+        raise FileNotFoundError(f"--ckpt_path last: no last*.ckpt in {where}; nothing to resume. Drop --ckpt_path "
+                                f"to start a new run.")
     return str(max(found, key=lambda p: p.stat().st_mtime))
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse, fit, and return the final logged metrics (so tests can call it)."""
     cli = build_cli(args)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=resolve_ckpt_path(cli.trainer, cli.config.ckpt_path))
+    ckpt_path = resolve_ckpt_path(cli.trainer, cli.config.ckpt_path)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 
 

@@ -166,9 +166,20 @@ class LatentVideoDataModule(L.LightningDataModule):
     def __init__(self, data_dir: str, batch_size: int = 32, num_workers: int = 0, val_batch_size: int | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True, verify_checksums: bool = True,
                  prepare_if_missing: dict | None = None):
-        """`drop_last` applies to training only; validation always sees every sample.
-        `prepare_if_missing`: keyword arguments of `prepare_moving_digits` (e.g. num_train, num_val,
-        shard_size) used by `prepare_data` when `data_dir` holds no dataset yet (tests, smoke runs)."""
+        """The sharded dataset written by prepare.py.
+
+        Args:
+            data_dir: directory written by prepare.py (metadata.json + shards).
+            batch_size: training samples per batch (per process).
+            num_workers: DataLoader worker processes.
+            val_batch_size: validation batch size (default: batch_size).
+            shuffle: draw a fresh (seed, epoch) permutation each epoch.
+            seed: seed of the data order.
+            drop_last: drop the last incomplete training batch (validation always sees every sample).
+            verify_checksums: hash every shard against metadata.json at setup.
+            prepare_if_missing: kwargs of `prepare_moving_digits` (num_train, num_val, shard_size) used
+                when data_dir holds no dataset yet (tests, smoke runs).
+        """
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")

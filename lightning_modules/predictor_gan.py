@@ -49,11 +49,30 @@ class PredictorGANModule(L.LightningModule):
                  time_shift: float = 1.0, mse_warmup_steps: int = 500, lr_p: float = 1e-4, lr_d: float = 1e-2,
                  lam: float = 1.0, betas_p: tuple[float, float] = (0.9, 0.999),
                  betas_d: tuple[float, float] = (0.5, 0.999), grad_clip: float = 1.0, seed: int = 0):
-        """`model`: the frozen stage-2 model M (also the feature extractor F). `predictor`: kwargs of
-        models.predictor.Predictor (hidden_size, num_blocks, mlp_ratio, num_heads, cache_residual).
-        `discriminator`: {feature_layers: [block indices of M], scales: [1, 2], channels: 64}.
-        `restrict` R and the time distribution give (t, r) as in stage 2; g ~ U(guidance_min, guidance_max)
-        is the distilled CFG scale (ignored by a model without a guidance input)."""
+        """Stage 3: predictor P + discriminator D on the frozen stage-2 model M.
+
+        Args:
+            model: the frozen stage-2 (Restricted MeanFlow) model M, also the feature extractor F.
+            predictor: kwargs of models.predictor.Predictor (hidden_size, num_blocks, mlp_ratio, num_heads,
+                cache_residual).
+            discriminator: {feature_layers: [block indices of M], scales: [1, 2], channels: 64}.
+            delta_max: largest step Delta between the cached and the predicted time, in [0, 1].
+            restrict: R, the largest interval t - r (as in stage 2).
+            guidance_min: smallest distilled CFG scale g drawn (ignored without a guidance input).
+            guidance_max: largest distilled CFG scale g drawn.
+            time_distribution: training times t, 'uniform' or 'logit_normal'.
+            time_mean: logit-normal mean.
+            time_std: logit-normal standard deviation.
+            time_shift: timestep shift applied to t (1 = none).
+            mse_warmup_steps: batches of MSE-only training (Eq. 6) before the GAN starts (paper: 500).
+            lr_p: Adam learning rate of the predictor.
+            lr_d: Adam learning rate of the discriminator.
+            lam: weight of the adversarial term in Eq. 8 (0 = the no-GAN ablation).
+            betas_p: Adam betas of the predictor.
+            betas_d: Adam betas of the discriminator.
+            grad_clip: predictor gradient-norm clipping threshold (0 = off).
+            seed: keys the per-batch time/noise generator (seed, batch, rank), so resumes are exact.
+        """
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         check_guidance_range(guidance_min, guidance_max)

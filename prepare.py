@@ -16,7 +16,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from datamodules import moving_digits as world  # noqa: E402
-from datamodules.shards import prepare_from_videos, prepare_moving_digits  # noqa: E402
+from datamodules.shards import is_shard_file, prepare_from_videos, prepare_moving_digits  # noqa: E402
 from datamodules.text_encoder import MAX_LENGTH  # noqa: E402
 
 
@@ -30,13 +30,15 @@ def check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def check_output_dir(p: argparse.ArgumentParser, out: str, overwrite: bool) -> None:
-    """Never write into a non-empty directory (an existing dataset, a user's files) unless --overwrite."""
+    """Never write into a directory holding a dataset (metadata.json) or anyone else's files unless
+    --overwrite. Shards without metadata.json are an interrupted prepare.py run: those are rewritten."""
     path = Path(out)
     if path.exists() and not path.is_dir():
         p.error(f"--out {out} exists and is not a directory")
     entries = sorted(e.name for e in path.iterdir()) if path.is_dir() else []
-    if entries and not overwrite:
-        p.error(f"--out {out} is not empty ({len(entries)} entries, e.g. {entries[:3]}); pass --overwrite to "
+    others = [name for name in entries if not is_shard_file(name)]
+    if others and not overwrite:
+        p.error(f"--out {out} is not empty ({len(entries)} entries, e.g. {others[:3]}); pass --overwrite to "
                 f"replace the dataset there (its old shards are removed, other files are kept) or choose another --out")
 
 

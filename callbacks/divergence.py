@@ -22,7 +22,8 @@ class DivergenceGuard(L.Callback):
         Args:
             max_metrics: logged training metric -> largest allowed value, e.g. {"train/loss": 1.0e3}
                 (a loss blow-up); any logged `train/` metric that is NaN/Inf stops the run regardless.
-            check_grad_norm: stop when the gradient norm before an optimizer step is NaN/Inf.
+            check_grad_norm: stop when the gradient norm before an optimizer step is NaN/Inf (not checked
+                under fp16 loss scaling, where an overflow only skips the step).
         """
         self.max_metrics = dict(max_metrics or {})
         self.check_grad_norm = check_grad_norm
@@ -43,8 +44,8 @@ class DivergenceGuard(L.Callback):
                 f"rate or tighten gradient clipping, then resume with --ckpt_path)")
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        if not self.check_grad_norm:
-            return
+        if not self.check_grad_norm or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling: an inf gradient just makes the scaler skip the step and lower the scale
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = float(full_value(torch.nn.utils.get_total_norm(grads))) if grads else 0.0
         index = next((i for i, opt in enumerate(trainer.optimizers) if opt is optimizer), 0)

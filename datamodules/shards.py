@@ -113,9 +113,14 @@ def _start(out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / METADATA_FILE).unlink(missing_ok=True)
     for path in out.iterdir():
-        if re.fullmatch(r"(train|val)-\d{5}\.(safetensors|json)", path.name) or path.name == NULL_PROMPT_FILE:
+        if is_shard_file(path.name):
             path.unlink()
     return out
+
+
+def is_shard_file(name: str) -> bool:
+    """A file this module writes besides metadata.json (shards, prompts, null prompt, a killed write's temp)."""
+    return bool(re.fullmatch(r"(train|val)-\d{5}\.(safetensors|json)|\.\S+\.partial", name)) or name == NULL_PROMPT_FILE
 
 
 def _shard_seed(seed: int, split: str, index: int) -> int:

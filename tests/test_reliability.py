@@ -276,6 +276,11 @@ def test_prepare_refuses_to_overwrite_and_bad_sizes(tmp_path, capsys):
         assert f"--num_train must be >= 1, got {bad}" in capsys.readouterr().err
     assert not (tmp_path / "empty").exists()
 
+    interrupted = tmp_path / "interrupted"  # shards but no metadata.json: redone without --overwrite
+    prepare("--out", str(interrupted))
+    (interrupted / "metadata.json").unlink()
+    assert prepare("--out", str(interrupted))["splits"]["train"]["num_samples"] == 8
+
     meta = prepare("--out", str(out), "--num_train", "4", "--overwrite")
     names = sorted(p.name for p in out.iterdir())
     assert meta["splits"]["train"]["num_samples"] == 4

@@ -37,3 +37,31 @@ def test_every_init_argument_has_a_description(capsys, class_path):
     for param, description in documented.items():
         words = " ".join(description.split()[:3])
         assert re.search(rf"{re.escape(prefix)}\.{param} \S+ {re.escape(words)}", text), (param, words)
+
+
+def test_readme_quick_start_builds_every_export_evaluate_yaml_needs():
+    """Issue 13 item 8: after the Quick start's commands, `evaluate.py --config configs/evaluate.yaml` finds
+    every export and calibration file it needs (it used to stop at once on four missing runs)."""
+    from omegaconf import OmegaConf
+
+    import evaluate
+    from tests.conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    quick = readme.split("## Quick start")[1].split("\n## ")[0].replace("\\\n", " ")
+    produced = set()
+    for config in re.findall(r"^python train\.py --config (\S+)", quick, flags=re.M):
+        cfg = OmegaConf.to_container(OmegaConf.load(ROOT / config), resolve=True)
+        produced |= {c["init_args"]["dirpath"] for c in cfg["trainer"]["callbacks"]
+                     if c["class_path"].endswith("ExportOnTrainEnd")}
+    for line in re.findall(r"^python calibrate_teacache\.py .*$", quick, flags=re.M):
+        args = line.split()
+        model, steps, mode = (args[args.index(k) + 1] for k in ("--model_dir", "--num_steps", "--mode"))
+        produced.add(f"{model}/teacache_{mode}_{steps}.json")
+    parser = evaluate.build_parser()
+    init = parser.instantiate(parser.parse_args(["--config", str(ROOT / "configs/evaluate.yaml")]))
+    needed = set()
+    for spec in init["methods"]:
+        needed |= {p for p in (spec.model, spec.predictor, spec.cache_kwargs.get("calibration")) if p}
+    needed = {p for p in needed if p.startswith("outputs/")}
+    assert needed and needed <= produced, sorted(needed - produced)

@@ -10,8 +10,8 @@ Layout of a prepared directory:
     val-00000.safetensors
     null_prompt.safetensors    tokens (1, L, D), mask (1, L), pooled (1, D): the CFG null condition
 
-Every file is written atomically (`models.io.atomic_write`), and metadata.json is written last: a directory with metadata is complete, and an interrupted run
-leaves none.
+Every file is written atomically (`models.io.atomic_write`), and metadata.json is written last:
+a directory with metadata is complete, and an interrupted run leaves none.
 
 Two sources: the moving-digits world (pixel space: latents are the videos themselves) and user
 videos encoded by a diffusers VAE loaded from a local path.
@@ -120,7 +120,7 @@ def _start(out: str | Path) -> Path:
 
 def is_shard_file(name: str) -> bool:
     """A file this module writes besides metadata.json (shards, prompts, null prompt, a killed write's temp)."""
-    return bool(re.fullmatch(r"(train|val)-\d{5}\.(safetensors|json)|\.\S+\.partial", name)) or name == NULL_PROMPT_FILE
+    return name == NULL_PROMPT_FILE or bool(re.fullmatch(r"(train|val)-\d{5}\.(safetensors|json)|\.\S+\.partial", name))
 
 
 def _shard_seed(seed: int, split: str, index: int) -> int:

@@ -67,6 +67,11 @@ class TimingConfig:
     max_spread: float = 0.25
     """IQR / median of the per-round ratios above which the report calls a measured speedup too noisy"""
 
+    def __post_init__(self) -> None:  # checked at parse time, not after every method has sampled
+        if self.batch_size < 1 or self.warmup < 0 or self.repeats < 1:
+            raise ValueError(f"timing needs batch_size >= 1, warmup >= 0 and repeats >= 1; got batch_size="
+                             f"{self.batch_size}, warmup={self.warmup}, repeats={self.repeats}")
+
 
 @dataclass
 class BootstrapConfig:
@@ -100,11 +105,6 @@ class Comparison:
     drop on the distilled model against its drop on the teacher, paper Figure 1)"""
     d: str | None = None
     """method name, see `c`"""
-
-    def __post_init__(self) -> None:  # checked at parse time, not after every method has sampled
-        if self.batch_size < 1 or self.warmup < 0 or self.repeats < 1:
-            raise ValueError(f"timing needs batch_size >= 1, warmup >= 0 and repeats >= 1; got batch_size="
-                             f"{self.batch_size}, warmup={self.warmup}, repeats={self.repeats}")
 
 
 @dataclass

@@ -30,20 +30,26 @@ demo: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) scripts/demo.py --config configs/reproduce.yaml --device $(DEVICE)
 
-# Retrain (or continue training) the shipped default teacher; see README "The default world and teacher".
-# Resumes outputs/teacher when its checkpoint is there; `make teacher TEACHER_INIT=assets/teacher` instead
-# starts a new run from the shipped weights (fresh optimizer) rather than from scratch.
+# Retrain (or continue training) the default teacher into outputs/teacher; see README "The default world
+# and teacher". Resumes outputs/teacher when its checkpoint is there; `make teacher TEACHER_INIT=assets/teacher`
+# instead starts a new run from the shipped weights (fresh optimizer) rather than from scratch. The shipped
+# assets/teacher is replaced only when asked explicitly: `make teacher SHIP=1`.
 TEACHER_CKPT := outputs/teacher/checkpoints/last.ckpt
 TEACHER_INIT ?=
+SHIP ?=
 ACCEL := $(if $(filter cuda,$(DEVICE)),gpu,cpu)
 teacher: $(STAMP)
 	test -f data/digits/metadata.json || $(PY) prepare.py --out data/digits
 	$(PY) train.py --config configs/teacher_pretrain.yaml --trainer.accelerator $(ACCEL) \
 		$$(test -f $(TEACHER_CKPT) && echo --ckpt_path $(TEACHER_CKPT)) \
 		$$(test -f $(TEACHER_CKPT) || test -z "$(TEACHER_INIT)" || echo --model.init_args.init_from $(TEACHER_INIT))
+ifeq ($(SHIP),1)
 	mkdir -p assets/teacher
 	cp outputs/teacher/export/model.safetensors outputs/teacher/export/config.json assets/teacher/
 	cp outputs/teacher/csv/metrics.csv assets/teacher/training_log$(if $(TEACHER_INIT),_continued).csv
+else
+	@echo "teacher exported to outputs/teacher/export; assets/teacher is unchanged (make teacher SHIP=1 replaces it)"
+endif
 
 smoke: $(STAMP)
 	$(PY) train.py --config configs/smoke/teacher_pretrain.yaml

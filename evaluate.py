@@ -67,6 +67,11 @@ class TimingConfig:
     max_spread: float = 0.25
     """IQR / median of the per-round ratios above which the report calls a measured speedup too noisy"""
 
+    def __post_init__(self) -> None:  # checked at parse time, not after every method has sampled
+        if self.batch_size < 1 or self.warmup < 0 or self.repeats < 1:
+            raise ValueError(f"timing needs batch_size >= 1, warmup >= 0 and repeats >= 1; got batch_size="
+                             f"{self.batch_size}, warmup={self.warmup}, repeats={self.repeats}")
+
 
 @dataclass
 class BootstrapConfig:
@@ -114,6 +119,11 @@ class OutputConfig:
     """nearest-neighbour upscaling of the GIF frames"""
     tensorboard: bool = True
     """write scalars, images, videos and the report under output_dir/tb"""
+
+    def __post_init__(self) -> None:
+        if self.gif_videos < 1 or not self.fps > 0 or self.scale < 1:
+            raise ValueError(f"output needs gif_videos >= 1, fps > 0 and scale >= 1; got gif_videos={self.gif_videos}, "
+                             f"fps={self.fps}, scale={self.scale}")
 
 
 @dataclass
@@ -198,14 +208,10 @@ class EvalConfig:
 
 def load_scorer(cfg: SemanticConfig):
     """The semantic scorer; its digit classifier is trained (and saved) on first use."""
-    from evaluation.semantic import SemanticScorer, load_digit_classifier, train_digit_classifier
+    from evaluation.semantic import SemanticScorer, ensure_digit_classifier
 
-    directory = Path(cfg.classifier_dir)
-    try:
-        classifier = load_digit_classifier(directory)
-    except FileNotFoundError:
-        tqdm.write(f"no digit classifier in {directory}: training one ({cfg.train_steps} steps)")
-        classifier = train_digit_classifier(directory, steps=cfg.train_steps)
+    # a classifier left by another run (fewer steps, interrupted) is retrained, never silently reused
+    classifier, _ = ensure_digit_classifier(cfg.classifier_dir, log=tqdm.write, steps=cfg.train_steps)
     return SemanticScorer(classifier.eval())
 
 

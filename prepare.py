@@ -11,12 +11,35 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from datamodules import moving_digits as world  # noqa: E402
-from datamodules.shards import prepare_from_videos, prepare_moving_digits  # noqa: E402
+from datamodules.shards import is_shard_file, prepare_from_videos, prepare_moving_digits  # noqa: E402
 from datamodules.text_encoder import MAX_LENGTH  # noqa: E402
+
+
+def check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Sizes that would build an empty or broken dataset are refused before anything is written."""
+    minimum = {"num_train": 1, "num_val": 0, "shard_size": 1, "max_length": 1, "num_frames": 1, "size": 1}
+    for name, low in minimum.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            p.error(f"--{name} must be >= {low}, got {value}")
+
+
+def check_output_dir(p: argparse.ArgumentParser, out: str, overwrite: bool) -> None:
+    """Never write into a directory holding a dataset (metadata.json) or anyone else's files unless
+    --overwrite. Shards without metadata.json are an interrupted prepare.py run: those are rewritten."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        p.error(f"--out {out} exists and is not a directory")
+    entries = sorted(e.name for e in path.iterdir()) if path.is_dir() else []
+    others = [name for name in entries if not is_shard_file(name)]
+    if others and not overwrite:
+        p.error(f"--out {out} is not empty ({len(entries)} entries, e.g. {others[:3]}); pass --overwrite to "
+                f"replace the dataset there (its old shards are removed, other files are kept) or choose another --out")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -35,7 +58,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--video_dir", help="videos: folder of .npy clips and prompts.json")
     p.add_argument("--vae", help="videos: local diffusers VAE directory")
     p.add_argument("--device", default="cpu", help="videos: device for the VAE")
+    p.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
     args = p.parse_args(argv)
+    check_sizes(p, args)
+    check_output_dir(p, args.out, args.overwrite)
 
     if args.source == "moving_digits":
         meta = prepare_moving_digits(args.out, args.num_train, args.num_val, args.shard_size, args.seed,

@@ -5,12 +5,19 @@ are parsed with omegaconf interpolation resolved after command-line overrides.
 """
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from callbacks.divergence import DivergenceGuard
+
+# argparse (Python < 3.13) takes `-1e-3` for an option name because its negative-number pattern has no
+# exponent, so `--model.init_args.lr -1e-3` failed; this pattern (ints, decimals, exponents) fixes that.
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
 class DisCaCLI(LightningCLI):
@@ -24,6 +31,21 @@ class DisCaCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         if not self.parse_only:  # parse_config(): validate types and class paths, build nothing
             super().instantiate_classes()
+
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        parser._negative_number_matcher = NEGATIVE_NUMBER  # argparse's own switch for "is this a value?"
+        return parser
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        """Every stage runs with a `DivergenceGuard`: the configured one, else a default one. It goes
+        first, so it stops a diverged step before ModelCheckpoint/ExportOnTrainEnd save it."""
+        trainer = super().instantiate_trainer(**kwargs)
+        guards = [c for c in trainer.callbacks if isinstance(c, DivergenceGuard)]
+        for guard in guards:
+            trainer.callbacks.remove(guard)
+        trainer.callbacks.insert(0, guards[0] if guards else DivergenceGuard())
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
@@ -48,10 +70,25 @@ def parse_config(args: list[str]):
     return build_cli(args, parse_only=True).config
 
 
+def resolve_ckpt_path(trainer: L.Trainer, ckpt_path: str | None) -> str | None:
+    """`last` -> the newest `last*.ckpt` of the run's checkpoint directories. Lightning only warns and
+    trains from scratch when there is none; resuming nothing is an error here."""
+    if ckpt_path != "last":
+        return ckpt_path
+    dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    found = [p for d in dirs for p in d.glob("last*.ckpt")]
+    if not found:
+        where = [str(d) for d in dirs] or "any checkpoint directory"
+        raise FileNotFoundError(f"--ckpt_path last: no last*.ckpt in {where}; nothing to resume. Drop --ckpt_path "
+                                f"to start a new run.")
+    return str(max(found, key=lambda p: p.stat().st_mtime))
+
+
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse, fit, and return the final logged metrics (so tests can call it)."""
     cli = build_cli(args)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    ckpt_path = resolve_ckpt_path(cli.trainer, cli.config.ckpt_path)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 
 

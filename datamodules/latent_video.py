@@ -166,9 +166,20 @@ class LatentVideoDataModule(L.LightningDataModule):
     def __init__(self, data_dir: str, batch_size: int = 32, num_workers: int = 0, val_batch_size: int | None = None,
                  shuffle: bool = True, seed: int = 0, drop_last: bool = True, verify_checksums: bool = True,
                  prepare_if_missing: dict | None = None):
-        """`drop_last` applies to training only; validation always sees every sample.
-        `prepare_if_missing`: keyword arguments of `prepare_moving_digits` (e.g. num_train, num_val,
-        shard_size) used by `prepare_data` when `data_dir` holds no dataset yet (tests, smoke runs)."""
+        """The sharded dataset written by prepare.py.
+
+        Args:
+            data_dir: directory written by prepare.py (metadata.json + shards).
+            batch_size: training samples per batch (per process).
+            num_workers: DataLoader worker processes.
+            val_batch_size: validation batch size (default: batch_size).
+            shuffle: draw a fresh (seed, epoch) permutation each epoch.
+            seed: seed of the data order.
+            drop_last: drop the last incomplete training batch (validation always sees every sample).
+            verify_checksums: hash every shard against metadata.json at setup.
+            prepare_if_missing: kwargs of `prepare_moving_digits` (num_train, num_val, shard_size) used
+                when data_dir holds no dataset yet (tests, smoke runs).
+        """
         super().__init__()
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -193,6 +204,22 @@ class LatentVideoDataModule(L.LightningDataModule):
             self._metadata = load_metadata(self.data_dir, self.verify_checksums)
             self.datasets = {split: ShardedLatentDataset(self.data_dir, info["shards"])
                              for split, info in self._metadata["splits"].items()}
+        if stage == "fit":
+            self._check_fit_splits()
+
+    def _check_fit_splits(self) -> None:
+        """Fail before training, not after it: a training split with no full batch would "finish" at
+        once with no export, and a missing validation split used to surface as a bare StopIteration at
+        the first validation."""
+        train = len(self._split("train"))
+        if train == 0 or (self.drop_last and train < self.batch_size):
+            raise ValueError(f"{self.data_dir}: the train split has {train} samples, fewer than one batch of "
+                             f"{self.batch_size}{' (drop_last)' if self.drop_last else ''}: no training step would run")
+        limit = getattr(self.trainer, "limit_val_batches", 1) if self.trainer is not None else 1
+        if limit and len(self.datasets.get("val", ())) == 0:
+            raise ValueError(f"{self.data_dir} has no validation samples (splits: "
+                             f"{ {k: len(v) for k, v in self.datasets.items()} }); rebuild it with "
+                             f"`prepare.py --num_val N` (N >= 1) or set --trainer.limit_val_batches 0")
 
     @property
     def metadata(self) -> dict:

@@ -10,9 +10,8 @@ Layout of a prepared directory:
     val-00000.safetensors
     null_prompt.safetensors    tokens (1, L, D), mask (1, L), pooled (1, D): the CFG null condition
 
-Every file is written to a temporary name and moved into place with `os.replace`, and
-metadata.json is written last: a directory with metadata is complete, and an interrupted run
-leaves none.
+Every file is written atomically (`models.io.atomic_write`), and metadata.json is written last:
+a directory with metadata is complete, and an interrupted run leaves none.
 
 Two sources: the moving-digits world (pixel space: latents are the videos themselves) and user
 videos encoded by a diffusers VAE loaded from a local path.
@@ -21,18 +20,19 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 
 from datamodules import moving_digits as world
 from datamodules.text_encoder import ENCODER_NAME, MAX_LENGTH, NULL_PROMPT, TextEncoder
+from models.io import atomic_write
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -53,15 +53,11 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 def _atomic_write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
 def _file_entry(path: Path) -> dict:
@@ -110,11 +106,21 @@ def _finish(out: Path, splits: dict, latent_shape: tuple[int, ...], encoder: Tex
 
 
 def _start(out: str | Path) -> Path:
-    """Create `out` and drop any old metadata first, so a half-rewritten directory never looks complete."""
+    """Create `out`, drop any old metadata first (so a half-rewritten directory never looks complete),
+    then the old dataset's shards (a smaller new dataset must not leave stale ones behind). Other
+    files are left alone; prepare.py refuses a non-empty directory unless --overwrite."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / METADATA_FILE).unlink(missing_ok=True)
+    for path in out.iterdir():
+        if is_shard_file(path.name):
+            path.unlink()
     return out
+
+
+def is_shard_file(name: str) -> bool:
+    """A file this module writes besides metadata.json (shards, prompts, null prompt, a killed write's temp)."""
+    return name == NULL_PROMPT_FILE or bool(re.fullmatch(r"(train|val)-\d{5}\.(safetensors|json)|\.\S+\.partial", name))
 
 
 def _shard_seed(seed: int, split: str, index: int) -> int:
@@ -129,6 +135,8 @@ def prepare_moving_digits(out: str | Path, num_train: int = 20000, num_val: int 
                           balanced_val: bool = False) -> dict:
     """Render the default world into shards: train from training digits, val from held-out digits
     (`balanced_val`: every digit equally often in val, world.sample_world's `balanced_digits`)."""
+    if num_train < 1 or num_val < 0:
+        raise ValueError(f"need num_train >= 1 and num_val >= 0, got num_train={num_train}, num_val={num_val}")
     out = _start(out)
     encoder = encoder or TextEncoder()
     params = world.world_params(num_frames, size, digit_size, speed)

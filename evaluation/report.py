@@ -28,6 +28,7 @@ from einops import rearrange
 from torch import Tensor
 
 from evaluation import stats
+from evaluation.plots import pareto_figure
 
 INTERVAL_KEYS = ("digit_acc", "color_acc", "direction_acc", "all_correct", "semantic", "flicker", "smoothness",
                  "motion", "quality", "total", "psnr", "ssim")
@@ -446,32 +447,7 @@ def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str
     return "\n".join(parts)
 
 
-# --- figures ------------------------------------------------------------------------------------------
-def pareto_figure(rows: list[dict], bounds: dict[str, dict] | None = None):
-    """Semantic score vs measured speedup, one labelled point per method (a pyplot-free Agg figure);
-    the ground-truth ceiling and noise floor as dashed lines."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4.5), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    for r in rows:
-        ax.scatter(r["speedup"], 100 * r["semantic"], s=30, color="tab:red" if r["kind"] == "disca" else "tab:blue")
-        ax.annotate(r["label"], (r["speedup"], 100 * r["semantic"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    for (name, b), color in zip((bounds or {}).items(), ("tab:green", "tab:gray")):
-        ax.axhline(100 * b["semantic"], color=color, linestyle="--", linewidth=1, label=name)
-    if bounds:
-        ax.legend(fontsize=7, loc="lower right")
-    ax.set_xlabel("measured speedup (×, vs reference)")
-    ax.set_ylabel("semantic score (%)")
-    ax.set_title("Semantic score vs speedup")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
-
-
+# --- figures (the Pareto plot is in evaluation/plots.py) -----------------------------------------------
 def grid_layout(n: int) -> tuple[int, int]:
     """(rows, cols) of a near-square grid of n cells."""
     cols = math.ceil(math.sqrt(n))

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from datamodules import moving_digits as world
+from models.io import atomic_write
 
 # ---- scorer settings (one home; each threshold is in intensity units [0, 1] or pixels/frame) ----
 BRIGHT_THRESHOLD = 0.5  # pixels brighter than this define the digit's colour
@@ -246,10 +247,54 @@ def train_digit_classifier(out_dir: str | Path, steps: int = CLASSIFIER_DEFAULTS
         "frame_accuracy_fit": _frame_accuracy(model, "val", 1000, seed + 1),
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=1))
+    (out / CONFIG_FILE).unlink(missing_ok=True)  # the config goes last: weights without it are never trusted
+    atomic_write(out / WEIGHTS_FILE, save({k: v.contiguous() for k, v in model.state_dict().items()}))
+    atomic_write(out / CONFIG_FILE, json.dumps(config, indent=1).encode())
     return model
+
+
+def training_settings(steps: int = CLASSIFIER_DEFAULTS["steps"], batch_size: int = CLASSIFIER_DEFAULTS["batch_size"],
+                      lr: float = CLASSIFIER_DEFAULTS["lr"], weight_decay: float = CLASSIFIER_DEFAULTS["weight_decay"],
+                      seed: int = CLASSIFIER_DEFAULTS["seed"], width: int = 16, hidden: int = 128) -> dict:
+    """What a saved classifier must have been trained with to be reused (as stored in its JSON)."""
+    return {"arch": DigitClassifier(width, hidden).config,
+            "train": dict(steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+                          max_noise_std=MAX_NOISE_STD)}
+
+
+def stale_reason(model_dir: str | Path, **settings) -> str | None:
+    """Why the classifier in `model_dir` is not the one `settings` ask for (None: it is), e.g. one left by
+    an interrupted or shorter run. Compares architecture and every training setting stored beside it."""
+    model_dir = Path(model_dir)
+    weights, config_file = model_dir / WEIGHTS_FILE, model_dir / CONFIG_FILE
+    if not config_file.is_file():
+        return f"{'no ' + CONFIG_FILE if weights.is_file() else 'no classifier'} in {model_dir}"
+    try:
+        stored = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        return f"{config_file} is not valid JSON ({err})"
+    if not weights.is_file():
+        return f"{weights} is missing"
+    wanted = training_settings(**settings)
+    got = {part: stored.get(part) or {} for part in wanted}
+    diff = [f"{part}.{k} = {got[part].get(k)} (wanted {v})" for part in wanted for k, v in wanted[part].items()
+            if got[part].get(k) != v]
+    if diff:
+        return (f"stale digit classifier in {model_dir} (unseen-digit frame accuracy "
+                f"{stored.get('frame_accuracy_unseen')}): {', '.join(diff)}")
+    return None
+
+
+def ensure_digit_classifier(model_dir: str | Path, log=print, **settings) -> tuple[DigitClassifier, dict]:
+    """The classifier in `model_dir` if it was trained with `settings`, else a freshly trained one (saying
+    why); returns it with its stored config (training settings and measured accuracy), which is what
+    a report should cite."""
+    reason = stale_reason(model_dir, **settings)
+    if reason is not None:
+        log(f"{reason}: training a digit classifier ({settings or CLASSIFIER_DEFAULTS}) into {model_dir}")
+        train_digit_classifier(model_dir, **settings)
+    model = load_digit_classifier(model_dir)
+    return model, json.loads((Path(model_dir) / CONFIG_FILE).read_text())
 
 
 def load_digit_classifier(model_dir: str | Path) -> DigitClassifier:

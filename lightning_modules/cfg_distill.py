@@ -31,9 +31,25 @@ class CFGDistillModule(EMAStudentModule):
                  betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 100, decay_steps: int | None = None,
                  ema_decay: float = 0.999, time_distribution: str = "uniform", time_shift: float = 1.0,
                  grad_clip: float = 1.0, seed: int = 0):
-        """`teacher`: the frozen CFG model (stage-0 export). `student`: defaults to a copy of the
-        teacher with `enable_guidance_embedding()`, so it starts equal to the teacher's conditional output.
-        `seed` keys the per-step draws (`shard_generator`)."""
+        """Stage 1: distil classifier-free guidance into a guidance-conditioned student.
+
+        Args:
+            teacher: the frozen CFG model (stage-0 export).
+            student: defaults to a copy of the teacher with `enable_guidance_embedding()` (starts at its
+                conditional output).
+            guidance_min: smallest CFG scale g drawn per sample.
+            guidance_max: largest CFG scale g drawn per sample.
+            lr: AdamW peak learning rate.
+            weight_decay: AdamW weight decay.
+            betas: AdamW betas.
+            warmup_steps: linear learning-rate warm-up, in optimizer steps.
+            decay_steps: cosine decay to 10 % by this step (None: constant after warm-up).
+            ema_decay: EMA decay of the exported student.
+            time_distribution: training times, 'uniform' or 'logit_normal'.
+            time_shift: timestep shift applied to the sampled times (1 = none).
+            grad_clip: gradient-norm clipping threshold (0 = off).
+            seed: keys the per-step draws (`shard_generator`), so resumes are exact.
+        """
         super().__init__()
         check_guidance_range(guidance_min, guidance_max)
         self.save_hyperparameters(ignore=["teacher", "student"])

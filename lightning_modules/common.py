@@ -89,14 +89,16 @@ def sample_guidance(batch: int, g_min: float, g_max: float, generator: torch.Gen
     return g_min + (g_max - g_min) * torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
 
 
-def shard_generator(module: L.LightningModule, seed: int, batch_idx: int) -> torch.Generator:
+def shard_generator(module: L.LightningModule, seed: int, batch_idx: int, step: int | None = None) -> torch.Generator:
     """The generator for one training micro-batch, keyed by (seed, optimizer step, slice of the global
     batch = rank * accumulation + micro-batch): a run resumed at step k redraws step k's noise, times
-    and guidance, and 2 ranks draw what 1 process accumulating 2 micro-batches draws."""
+    and guidance, and 2 ranks draw what 1 process accumulating 2 micro-batches draws. `step` replaces
+    the optimizer step where that is not one per batch (stage 3's GAN steps two optimizers)."""
     trainer = module.trainer
     acc = trainer.accumulate_grad_batches
     shards = trainer.world_size * acc
-    index = trainer.global_step * shards + trainer.global_rank * acc + batch_idx % acc
+    step = trainer.global_step if step is None else step
+    index = step * shards + trainer.global_rank * acc + batch_idx % acc
     return step_generator(seed, index, module.device)
 
 

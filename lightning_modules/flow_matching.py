@@ -26,8 +26,23 @@ class FlowMatchingModule(L.LightningModule):
                  betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 200, decay_steps: int | None = None,
                  ema_decay: float = 0.999, prompt_dropout: float = 0.1, time_distribution: str = "logit_normal",
                  time_shift: float = 1.0, grad_clip: float = 1.0, seed: int = 0, init_from: str | None = None):
-        """`seed` seeds the per-step noise generator (see `shard_generator`). `init_from`: a backbone export
-        directory to warm-start from (e.g. continue the shipped teacher); its weights must match `backbone`."""
+        """Stage 0: rectified-flow teacher training.
+
+        Args:
+            backbone: the video DiT to train, e.g. models.mmdit.MMDiT (its EMA copy is exported).
+            lr: AdamW peak learning rate.
+            weight_decay: AdamW weight decay.
+            betas: AdamW betas.
+            warmup_steps: linear learning-rate warm-up, in optimizer steps.
+            decay_steps: cosine decay to 10 % by this step (None: constant after warm-up).
+            ema_decay: EMA decay of the exported copy (with warm-up, see `ema_decay_at`).
+            prompt_dropout: share of prompts replaced by the null prompt (enables CFG).
+            time_distribution: training times, 'logit_normal' or 'uniform'.
+            time_shift: timestep shift applied to the sampled times (1 = none).
+            grad_clip: gradient-norm clipping threshold (0 = off).
+            seed: seeds the per-step noise/time/dropout generator (`shard_generator`), so resumes are exact.
+            init_from: backbone export directory to warm-start from; its weights must match `backbone`.
+        """
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
         if init_from is not None:

@@ -48,15 +48,40 @@ class RestrictedMeanFlowModule(EMAStudentModule):
                  lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.99),
                  warmup_steps: int = 100, decay_steps: int | None = None, ema_decay: float = 0.999,
                  grad_clip: float = 1.0, seed: int = 0):
-        """`teacher`: the frozen stage-1 (guidance-distilled) model, which gives v. `student`: defaults
-        to a copy of the teacher with `enable_r_embedding(r_embed)` ('average' | 'sum' | 'interval').
-        `restrict` is R; `equal_fraction` the share of r = t samples; `t_r_sampler` 'restricted'
-        (losses.meanflow.sample_t_r, DisCa) or 'meanflow' (sample_t_r_meanflow, MeanFlow as published:
-        t from logit-normal(time_mean, time_std), r from logit-normal(time_r_mean, time_r_std), sorted;
-        needs restrict = 1 and time_distribution 'logit_normal'); `adaptive_power` p of the adaptive
-        loss weight (0 = plain MSE) on each sample's error reduced by `loss_reduction` ('mean' | 'sum',
-        the official code's); `val_integration_steps` Euler steps of the reference
-        mean velocity used by validation; `seed` keys the per-step draws (`shard_generator`)."""
+        """Stage 2: Restricted MeanFlow distillation of the stage-1 model.
+
+        Args:
+            teacher: the frozen stage-1 (guidance-distilled) model, which gives v.
+            student: defaults to a copy of the teacher with `enable_r_embedding(r_embed)`.
+            r_embed: how the student embeds r: 'average' | 'sum' | 'interval'.
+            restrict: R, the largest interval t - r (R = 1 is unrestricted MeanFlow).
+            equal_fraction: share of samples with r = t (plain flow matching).
+            time_distribution: training times, 'uniform' or 'logit_normal'.
+            time_mean: logit-normal mean (of t).
+            time_std: logit-normal standard deviation (of t).
+            time_shift: timestep shift applied to the sampled times (1 = none).
+            t_r_sampler: 'restricted' (losses.meanflow.sample_t_r, DisCa) or 'meanflow' (sample_t_r_meanflow,
+                MeanFlow as published: t and r from two logit-normals, sorted; needs restrict = 1 and
+                time_distribution 'logit_normal').
+            time_r_mean: logit-normal mean of r (t_r_sampler 'meanflow').
+            time_r_std: logit-normal standard deviation of r (t_r_sampler 'meanflow').
+            loss_reduction: how each sample's error is reduced before the adaptive weight, 'mean' | 'sum'
+                (the official code's).
+            guidance_min: smallest distilled CFG scale g drawn.
+            guidance_max: largest distilled CFG scale g drawn.
+            adaptive_power: p of the adaptive loss weight (0 = plain MSE).
+            adaptive_eps: epsilon of the adaptive loss weight.
+            jvp_attention: attention backend inside the JVP (see ATTENTION_BACKENDS).
+            val_integration_steps: Euler steps of the reference mean velocity used by validation.
+            lr: AdamW peak learning rate.
+            weight_decay: AdamW weight decay.
+            betas: AdamW betas.
+            warmup_steps: linear learning-rate warm-up, in optimizer steps.
+            decay_steps: cosine decay to 10 % by this step (None: constant after warm-up).
+            ema_decay: EMA decay of the exported student.
+            grad_clip: gradient-norm clipping threshold (0 = off).
+            seed: keys the per-step draws (`shard_generator`), so resumes are exact.
+        """
         super().__init__()
         check_guidance_range(guidance_min, guidance_max)
         check_restrict(restrict, equal_fraction)

@@ -16,7 +16,9 @@ lam * hinge_g, gradients through the frozen M's features into u). lam = 0 is the
 Counting: with two optimizers in manual mode Lightning's `global_step` counts every `opt.step()`
 (1 per warm-up batch, 2 per GAN batch), so warm-up is counted in batches by this module's own
 counter (`batches_seen`, saved in checkpoints). The paper's 500 + 1000 iterations are
-`trainer.max_steps = 500 + 2 * 1000`.
+`trainer.max_steps = 500 + 2 * 1000`. For the same reason checkpoints are taken every N batches
+(`callbacks.checkpointing.BatchCheckpoint`), and times and noise are drawn from a generator keyed by
+(seed, batch, rank), so a killed and resumed run continues the uninterrupted one exactly.
 DDP: the D step leaves P's parameters unused and vice versa: use `trainer.strategy:
 ddp_find_unused_parameters_true` (= DDPStrategy(find_unused_parameters=True); SPEC §8).
 """
@@ -29,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import check_guidance_range, finite_or_raise, freeze, sample_guidance
+from lightning_modules.common import check_guidance_range, finite_or_raise, freeze, sample_guidance, shard_generator
 from losses.flow import expand_time, interpolate
 from losses.gan import discriminator_accuracy, hinge_d_loss, hinge_g_loss, prediction_mse, predictor_loss
 from losses.meanflow import check_restrict, sample_t_r
@@ -46,12 +48,31 @@ class PredictorGANModule(L.LightningModule):
                  time_distribution: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0,
                  time_shift: float = 1.0, mse_warmup_steps: int = 500, lr_p: float = 1e-4, lr_d: float = 1e-2,
                  lam: float = 1.0, betas_p: tuple[float, float] = (0.9, 0.999),
-                 betas_d: tuple[float, float] = (0.5, 0.999), grad_clip: float = 1.0):
-        """`model`: the frozen stage-2 model M (also the feature extractor F). `predictor`: kwargs of
-        models.predictor.Predictor (hidden_size, num_blocks, mlp_ratio, num_heads, cache_residual).
-        `discriminator`: {feature_layers: [block indices of M], scales: [1, 2], channels: 64}.
-        `restrict` R and the time distribution give (t, r) as in stage 2; g ~ U(guidance_min, guidance_max)
-        is the distilled CFG scale (ignored by a model without a guidance input)."""
+                 betas_d: tuple[float, float] = (0.5, 0.999), grad_clip: float = 1.0, seed: int = 0):
+        """Stage 3: predictor P + discriminator D on the frozen stage-2 model M.
+
+        Args:
+            model: the frozen stage-2 (Restricted MeanFlow) model M, also the feature extractor F.
+            predictor: kwargs of models.predictor.Predictor (hidden_size, num_blocks, mlp_ratio, num_heads,
+                cache_residual).
+            discriminator: {feature_layers: [block indices of M], scales: [1, 2], channels: 64}.
+            delta_max: largest step Delta between the cached and the predicted time, in [0, 1].
+            restrict: R, the largest interval t - r (as in stage 2).
+            guidance_min: smallest distilled CFG scale g drawn (ignored without a guidance input).
+            guidance_max: largest distilled CFG scale g drawn.
+            time_distribution: training times t, 'uniform' or 'logit_normal'.
+            time_mean: logit-normal mean.
+            time_std: logit-normal standard deviation.
+            time_shift: timestep shift applied to t (1 = none).
+            mse_warmup_steps: batches of MSE-only training (Eq. 6) before the GAN starts (paper: 500).
+            lr_p: Adam learning rate of the predictor.
+            lr_d: Adam learning rate of the discriminator.
+            lam: weight of the adversarial term in Eq. 8 (0 = the no-GAN ablation).
+            betas_p: Adam betas of the predictor.
+            betas_d: Adam betas of the discriminator.
+            grad_clip: predictor gradient-norm clipping threshold (0 = off).
+            seed: keys the per-batch time/noise generator (seed, batch, rank), so resumes are exact.
+        """
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
         check_guidance_range(guidance_min, guidance_max)
@@ -123,7 +144,8 @@ class PredictorGANModule(L.LightningModule):
         opt_p, opt_d = self.optimizers()
         hp = self.hparams
         text = batch_text(batch)
-        s = self.sample_pairs(batch["latents"], text)
+        # keyed by (seed, batch, rank): a resumed run redraws exactly the uninterrupted run's times and noise
+        s = self.sample_pairs(batch["latents"], text, shard_generator(self, hp.seed, batch_idx, self.batches_seen))
         gan = hp.lam > 0 and self.batches_seen >= hp.mse_warmup_steps
         u = self.predict_velocity(s, text)  # (B, C, F, H, W), with grad
         logs = {"train/step_kind": float(STEP_GAN if gan else STEP_MSE)}

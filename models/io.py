@@ -9,10 +9,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import BinaryIO, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 WEIGHTS_NAME = "model.safetensors"
@@ -53,16 +53,64 @@ def build_backbone(config: dict) -> nn.Module:
     return BACKBONE_BUILDERS[kind](cfg)
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; exports are meant to be shared
+def _file_mode() -> int:
+    """0o666 minus the process umask: what `open()` would give a new file (exports, checkpoints and
+    shards are meant to be shared; `mkstemp` alone would leave them 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
     try:
-        write(tmp)
+        os.fsync(fd)  # make the rename itself durable
+    finally:
+        os.close(fd)
+
+
+def remove_partial_files(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that a process killed while writing `path` left next to it."""
+    path = Path(path)
+    orphans = list(path.parent.glob(f".{path.name}.*.partial")) if path.parent.is_dir() else []
+    for orphan in orphans:
+        orphan.unlink(missing_ok=True)
+    return orphans
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], object]) -> Path:
+    """Write `data` (bytes, or a function writing to a binary file) to `path` so that a crash or SIGKILL
+    at any moment leaves either the old file or the complete new one, never a partial one.
+
+    The temporary file `.<name>.<random>.partial` lives in `path`'s own directory (a rename across
+    filesystems, e.g. from a tmpfs `$TMPDIR`, is a copy over the old file), is flushed and fsynced,
+    renamed with `os.replace`, and the directory is fsynced. It gets the permissions `open()` would give
+    (0666 minus umask), not mkstemp's 0600. A temporary file left by a kill is deleted by the next write
+    of the same target (and when a checkpoint is resumed). Every writer of checkpoints, exports and
+    dataset shards goes through here."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_partial_files(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _file_mode())
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> Path:
+    return atomic_write(path, json.dumps(obj, indent=2, default=list).encode())
 
 
 def save_module(module: nn.Module, directory: str | os.PathLike, config: dict) -> Path:
@@ -70,8 +118,8 @@ def save_module(module: nn.Module, directory: str | os.PathLike, config: dict) -
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p))
-    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, default=list)))
+    atomic_write(out / WEIGHTS_NAME, save(state))
+    atomic_write_json(out / CONFIG_NAME, config)
     return out
 
 

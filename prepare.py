@@ -3,9 +3,9 @@
     python prepare.py --out data/digits --num_train 20000 --num_val 512 --shard_size 4096 --seed 0
     python prepare.py --source videos --video_dir clips/ --vae path/to/vae --out data/clips --num_val 8
 
-`--source videos` reads `*.npy` clips (F, H, W, 3) uint8 plus `prompts.json` ({file name: prompt})
-from --video_dir and encodes them with the diffusers VAE saved (save_pretrained) at --vae.
-Everything runs offline.
+`--source videos --pipeline PATH` encodes a folder of videos (mp4/webm/gif/png frames/.npy) with the
+VAE and text encoders of a local diffusers pipeline (datamodules/video_source.py); `--vae PATH` alone
+encodes `.npy` clips with that VAE and MiniLM prompts. Everything runs offline.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from datamodules import moving_digits as world  # noqa: E402
 from datamodules.shards import prepare_from_videos, prepare_moving_digits  # noqa: E402
 from datamodules.text_encoder import MAX_LENGTH  # noqa: E402
+from datamodules.video_source import add_pipeline_args, prepare_with_pipeline  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -33,11 +34,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--video_dir", help="videos: folder of .npy clips and prompts.json")
     p.add_argument("--vae", help="videos: local diffusers VAE directory")
     p.add_argument("--device", default="cpu", help="videos: device for the VAE")
+    add_pipeline_args(p)
     args = p.parse_args(argv)
 
     if args.source == "moving_digits":
         meta = prepare_moving_digits(args.out, args.num_train, args.num_val, args.shard_size, args.seed,
                                      args.max_length, num_frames=args.num_frames, size=args.size)
+    elif args.pipeline:
+        meta = prepare_with_pipeline(args)
     else:
         if not args.video_dir or not args.vae:
             p.error("--source videos needs --video_dir and --vae")

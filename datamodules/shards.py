@@ -97,8 +97,8 @@ def _finish(out: Path, splits: dict, latent_shape: tuple[int, ...], encoder: Tex
     metadata = {
         "format_version": FORMAT_VERSION,
         "latent_shape": list(latent_shape),
-        "text": {"encoder": ENCODER_NAME, "length": max_length, "dim": tokens.shape[-1],
-                 "pooled_dim": pooled.shape[-1]},
+        "text": {"encoder": getattr(encoder, "name", ENCODER_NAME), "length": max_length, "dim": tokens.shape[-1],
+                 "pooled_dim": pooled.shape[-1], **getattr(encoder, "metadata", {"family": "minilm"})},
         "null_prompt": {**_file_entry(out / NULL_PROMPT_FILE), "prompt": NULL_PROMPT},
         "splits": splits,
         "vocab": vocab,

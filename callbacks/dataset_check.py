@@ -14,9 +14,12 @@ BACKBONE_ATTRIBUTES = ("teacher", "model", "backbone")  # where the stage module
 
 
 class DatasetMatchesBackbone(L.Callback):
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         dm = trainer.datamodule
         backbone = next((getattr(pl_module, a) for a in BACKBONE_ATTRIBUTES if hasattr(pl_module, a)), None)
-        if dm is None or backbone is None or not hasattr(dm, "metadata"):
+        if not self.enabled or dm is None or backbone is None or not hasattr(dm, "metadata"):
             return
         check_dataset_matches(dm.metadata, backbone.config, dm.data_dir)

@@ -7,8 +7,8 @@
   directory. `HunyuanVideoTransformer3DModel.from_pretrained(directory)` (or Wan's) loads it back as a
   plain diffusers model, guidance embedder included where diffusers has one (HunyuanVideo's
   `guidance_embeds`); the embedders diffusers has no slot for (the r embedder `time_r_in` of stage 2,
-  Wan's added `guidance_in`) are stored beside it in `disca_embedders.safetensors` and named in
-  config.json under "disca", so `load_diffusers_export` / `integration.attach.apply_disca` restore them.
+  Wan's added `guidance_in`) are stored beside it in `disca_embedders.safetensors`, described by
+  `disca.json` (kept out of diffusers' config.json, which diffusers would warn about), so `load_diffusers_export` / `integration.attach.apply_disca` restore them.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from torch import nn
 from datamodules.video_source import PIPELINES, pipeline_class
 
 EMBEDDERS_FILE = "disca_embedders.safetensors"
-DISCA_KEY = "disca"  # config.json entry written next to diffusers' own keys
+DISCA_FILE = "disca.json"  # which adapter, r / guidance embedders, the embedder weights file
 
 
 def _adapter_class(kind: str):
@@ -75,11 +75,9 @@ def export_diffusers(backbone: nn.Module, directory: str | os.PathLike) -> Path:
                  if not k.startswith("model.")}
         if extra:
             save_file(extra, str(tmp / EMBEDDERS_FILE))
-        config_path = tmp / "config.json"
-        dcfg = json.loads(config_path.read_text())
-        dcfg[DISCA_KEY] = {"type": cfg["type"], "r_embed": cfg.get("r_embed"), "guidance_embed": cfg.get("guidance_embed"),
-                           "embedders": EMBEDDERS_FILE if extra else None, "embedder_keys": sorted(extra)}
-        config_path.write_text(json.dumps(dcfg, indent=2))
+        info = {"type": cfg["type"], "r_embed": cfg.get("r_embed"), "guidance_embed": cfg.get("guidance_embed"),
+                "embedders": EMBEDDERS_FILE if extra else None, "embedder_keys": sorted(extra)}
+        (tmp / DISCA_FILE).write_text(json.dumps(info, indent=2))
         old = out.with_name(f".{out.name}.old")
         if out.exists():
             os.replace(out, old)
@@ -90,16 +88,15 @@ def export_diffusers(backbone: nn.Module, directory: str | os.PathLike) -> Path:
     return out
 
 
+def is_disca_export(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / DISCA_FILE).is_file() and (Path(directory) / "config.json").is_file()
+
+
 def read_disca_config(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / "config.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"no config.json in {directory}: expected a transformer directory written by "
-                                "integration.transformer.export_diffusers")
-    cfg = json.loads(path.read_text())
-    if DISCA_KEY not in cfg:
-        raise ValueError(f"{path} has no {DISCA_KEY!r} entry: {directory} is a plain diffusers transformer, not a "
-                         "DisCa export (export one with integration.transformer.export_diffusers)")
-    return cfg[DISCA_KEY]
+    if not is_disca_export(directory):
+        raise FileNotFoundError(f"{directory} has no {DISCA_FILE} and config.json: expected a transformer directory "
+                                "written by `python -m integration export-diffusers`")
+    return json.loads((Path(directory) / DISCA_FILE).read_text())
 
 
 def attach_embedders(backbone: nn.Module, directory: str | os.PathLike) -> nn.Module:

@@ -119,3 +119,18 @@ def test_official_schedules_are_presets():
     assert SCHEDULE_PRESETS["official_hunyuan"] == [0, 1, 2, 5, 9, 13, 17, 19]  # apply_disca.py default, 8 of 20
     assert SCHEDULE_PRESETS["official_hunyuan_10"] == [0, 1, 2, 5, 9, 11, 13, 15, 17, 19]  # single-GPU script
     assert check_schedule(SCHEDULE_PRESETS["official_hunyuan_10"], 20)
+
+
+def test_converted_official_model_attaches_as_a_diffusers_transformer(official):
+    """convert-official -> export-diffusers -> the backbone and predictor load back for apply_disca."""
+    from integration.transformer import load_diffusers_export
+
+    backbone, predictor, dit, pred, d = official
+    integration_main(["convert-official", "--dit", str(d / "dit.safetensors"), "--predictor",
+                      str(d / "pred.safetensors"), "--out", str(d / "out"), "--transformer_config", str(d / "config.json")])
+    integration_main(["export-diffusers", "--export", str(d / "out" / "restricted_meanflow"), "--out", str(d / "tr")])
+    again = load_diffusers_export(d / "tr")
+    sa, sb = backbone.state_dict(), again.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    loaded_p = load_predictor(d / "out" / "predictor", again)  # the predictor's backbone config matches
+    assert all(torch.equal(a, b) for a, b in zip(predictor.state_dict().values(), loaded_p.state_dict().values()))

@@ -239,7 +239,8 @@ def _load_clip(job: VideoJob, i: int) -> Tensor:
     return resize_crop(sample_frames(clip, job.num_frames, job.frame_stride, str(job.files[i])), job.height, job.width)
 
 
-def prepare_from_pipeline(out: str | Path, video_dir: str | Path, pipeline: str | Path, *, captions: str | Path | None = None,
+def prepare_from_pipeline(out: str | Path, video_dir: str | Path, pipeline: str | Path, *,
+                          captions: str | Path | None = None,
                           num_frames: int = 33, frame_stride: int = 1, height: int = 320, width: int = 512,
                           num_val: int = 1, shard_size: int = 64, seed: int = 0, max_length: int | None = None,
                           device: str = "cpu", progress: bool = True) -> dict:

@@ -206,7 +206,8 @@ def _backbone_for(pipe, transformer_dir: str | Path | None) -> nn.Module:
     source = current.config.get("_name_or_path")
     if source and is_disca_export(source):
         return wrap_diffusers(current, source).to(device=current.device)
-    kind = {"HunyuanVideoTransformer3DModel": "hunyuan_video", "WanTransformer3DModel": "wan"}.get(type(current).__name__)
+    kinds = {"HunyuanVideoTransformer3DModel": "hunyuan_video", "WanTransformer3DModel": "wan"}
+    kind = kinds.get(type(current).__name__)
     if kind is None:
         raise ValueError(f"no adapter for the pipeline's transformer {type(current).__name__}")
     return _adapter_class(kind)(current)

@@ -58,7 +58,8 @@ _DOUBLE = [
 _REFINER = [
     (r"norm1", "norm1", 0, 1), (r"attn\.to_q", "self_attn_qkv", 0, 3), (r"attn\.to_k", "self_attn_qkv", 1, 3),
     (r"attn\.to_v", "self_attn_qkv", 2, 3), (r"attn\.to_out\.0", "self_attn_proj", 0, 1), (r"norm2", "norm2", 0, 1),
-    (r"ff\.net\.0\.proj", "mlp.fc1", 0, 1), (r"ff\.net\.2", "mlp.fc2", 0, 1), (r"norm_out\.linear", "adaLN_modulation.1", 0, 1),
+    (r"ff\.net\.0\.proj", "mlp.fc1", 0, 1), (r"ff\.net\.2", "mlp.fc2", 0, 1),
+    (r"norm_out\.linear", "adaLN_modulation.1", 0, 1),
 ]
 _DIT_FLAT = [
     ("model.x_embedder.proj", "img_in.proj"),
@@ -182,7 +183,8 @@ def read_official(path: str | Path, kind: str) -> dict[str, Tensor]:
     """An official safetensors file with the release loader's prefixes stripped; refuses the other kind."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"official {kind} checkpoint {path} not found (expected {DIT_FILE if kind == 'dit' else PREDICTOR_FILE})")
+        expected = DIT_FILE if kind == "dit" else PREDICTOR_FILE
+        raise FileNotFoundError(f"official {kind} checkpoint {path} not found (expected {expected})")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors checkpoints are read (nothing is unpickled)")
     with safe_open(str(path), framework="pt") as f:

@@ -8,7 +8,8 @@
   plain diffusers model, guidance embedder included where diffusers has one (HunyuanVideo's
   `guidance_embeds`); the embedders diffusers has no slot for (the r embedder `time_r_in` of stage 2,
   Wan's added `guidance_in`) are stored beside it in `disca_embedders.safetensors`, described by
-  `disca.json` (kept out of diffusers' config.json, which diffusers would warn about), so `load_diffusers_export` / `integration.attach.apply_disca` restore them.
+  `disca.json` (kept out of diffusers' config.json, which diffusers would warn about), so
+  `load_diffusers_export` / `integration.attach.apply_disca` restore them.
 """
 from __future__ import annotations
 

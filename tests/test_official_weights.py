@@ -78,7 +78,8 @@ def test_official_names_and_shapes(official):
 def test_convert_loads_strictly_and_round_trips(official):
     backbone, predictor, dit, pred, d = official
     integration_main(["convert-official", "--dit", str(d / "dit.safetensors"), "--predictor",
-                      str(d / "pred.safetensors"), "--out", str(d / "out"), "--transformer_config", str(d / "config.json")])
+                      str(d / "pred.safetensors"), "--out", str(d / "out"),
+                      "--transformer_config", str(d / "config.json")])
     loaded = load_backbone(d / "out" / "restricted_meanflow").eval()  # strict: names and shapes
     loaded_p = load_predictor(d / "out" / "predictor", loaded).eval()
     for a, b in ((backbone, loaded), (predictor, loaded_p)):
@@ -127,7 +128,8 @@ def test_converted_official_model_attaches_as_a_diffusers_transformer(official):
 
     backbone, predictor, dit, pred, d = official
     integration_main(["convert-official", "--dit", str(d / "dit.safetensors"), "--predictor",
-                      str(d / "pred.safetensors"), "--out", str(d / "out"), "--transformer_config", str(d / "config.json")])
+                      str(d / "pred.safetensors"), "--out", str(d / "out"),
+                      "--transformer_config", str(d / "config.json")])
     integration_main(["export-diffusers", "--export", str(d / "out" / "restricted_meanflow"), "--out", str(d / "tr")])
     again = load_diffusers_export(d / "tr")
     sa, sb = backbone.state_dict(), again.state_dict()

@@ -14,7 +14,8 @@ import train
 from models.predictor import parameter_count, parameter_share
 from tests.conftest import ROOT
 
-CONFIGS = sorted((ROOT / "configs" / "hunyuan_video").glob("*.yaml")) + sorted((ROOT / "configs" / "wan").glob("*.yaml"))
+CONFIGS = [*sorted((ROOT / "configs" / "hunyuan_video").glob("*.yaml")),
+           *sorted((ROOT / "configs" / "wan").glob("*.yaml"))]
 PAPER = {  # appendix 6.1
     "cfg_distill": {"lr": 1e-5, "guidance_min": 1.0, "guidance_max": 8.0},
     "restricted_meanflow": {"lr": 1e-5, "restrict": 0.2, "r_embed": "average"},

@@ -243,7 +243,7 @@ def prepare_from_pipeline(out: str | Path, video_dir: str | Path, pipeline: str 
                           captions: str | Path | None = None,
                           num_frames: int = 33, frame_stride: int = 1, height: int = 320, width: int = 512,
                           num_val: int = 1, shard_size: int = 64, seed: int = 0, max_length: int | None = None,
-                          device: str = "cpu", progress: bool = True) -> dict:
+                          device: str = "cpu", dtype: str = "float32", progress: bool = True) -> dict:
     """Encode the videos of `video_dir` with the VAE and text encoders of the pipeline at `pipeline`."""
     from tqdm.auto import tqdm
 
@@ -253,7 +253,10 @@ def prepare_from_pipeline(out: str | Path, video_dir: str | Path, pipeline: str 
         raise ValueError(f"num_val must be in [0, {len(files)}) for {len(files)} videos, got {num_val}")
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    encoder = PipelineEncoder(pipeline, device)
+    torch_dtype = getattr(torch, dtype, None)
+    if not isinstance(torch_dtype, torch.dtype):
+        raise ValueError(f"encoder dtype {dtype!r} is not a torch dtype (e.g. float32, bfloat16)")
+    encoder = PipelineEncoder(pipeline, device, torch_dtype)
     check_frame_rule(num_frames, encoder.temporal_ratio)
     if height % encoder.spatial_ratio or width % encoder.spatial_ratio:
         raise ValueError(f"height x width {height}x{width} must be divisible by the VAE's spatial compression "
@@ -349,6 +352,7 @@ def add_pipeline_args(parser) -> None:
     g.add_argument("--frame_stride", type=int, default=1, help="take every n-th frame")
     g.add_argument("--height", type=int, default=320)
     g.add_argument("--width", type=int, default=512)
+    g.add_argument("--encoder_dtype", default="float32", help="dtype of the VAE and text encoders (e.g. bfloat16 on GPU)")
     g.add_argument("--text_length", type=int, default=None,
                    help="prompt tokens (default: the pipeline's, 256 HunyuanVideo / 512 Wan)")
 
@@ -359,4 +363,4 @@ def prepare_with_pipeline(args) -> dict:
     return prepare_from_pipeline(args.out, args.video_dir, args.pipeline, captions=args.captions,
                                  num_frames=args.frames, frame_stride=args.frame_stride, height=args.height,
                                  width=args.width, num_val=args.num_val, shard_size=args.shard_size, seed=args.seed,
-                                 max_length=args.text_length, device=args.device)
+                                 max_length=args.text_length, device=args.device, dtype=args.encoder_dtype)

@@ -87,7 +87,7 @@ class _PipelineHook(ModelHook):
         if ts is None or len(ts) == 0:
             raise RuntimeError("the scheduler has no timesteps yet: the hook runs inside a pipeline call")
         step = int((ts.to(timestep.device).float() - timestep.flatten()[0].float()).abs().argmin())
-        if step == 0:  # a new pipeline call
+        if step == 0 and self.last_step != 0:  # a new pipeline call
             self.reset_state(None)
             self.calls = []
         if step == self.last_step:

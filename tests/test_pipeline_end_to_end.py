@@ -119,6 +119,10 @@ def test_videos_to_pipeline_with_disca(tmp_path, tiny_pipeline_dir, family):  # 
     torch.testing.assert_close(latents, ours, atol=1e-5, rtol=1e-5)
     assert velocity.nfe == 8 and velocity.predictor_calls == 12
 
+    if family == "wan":  # real CFG (two calls per step) on a CFG-distilled model is refused, naming the fix
+        with pytest.raises(RuntimeError, match=r"called twice at step 0.*guidance_scale=1\.0"):
+            pipe("a red ball rolls", **{**kwargs, "guidance_scale": 5.0})
+
     # a training-free cache of caching/ attaches the same way
     from caching import make_cache
 

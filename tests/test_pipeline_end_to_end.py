@@ -14,6 +14,7 @@ import train
 from datamodules.video_source import decode_video
 from integration.__main__ import main as integration_main
 from integration.attach import apply_disca, apply_feature_cache, remove_disca
+from models.io import load_backbone
 from sampling.cached import SCHEDULE_PRESETS
 from test_video_source import make_video_dir, write_mp4
 from tiny_pipelines import tiny_pipeline_dir  # noqa: F401  (fixture)
@@ -47,7 +48,12 @@ def test_videos_to_pipeline_with_disca(tmp_path, tiny_pipeline_dir, family):  # 
                   str(pipe_dir), "--out", str(data), "--frames", "5", "--height", "16", "--width", "16",
                   "--num_val", "1", "--shard_size", "2", "--text_length", "8"])
     dtype = ["--model.init_args.teacher.init_args.torch_dtype", "float32"]
-    if family == "hunyuan_video":  # the released model is guidance-distilled: stage 2 starts from it
+    if family == "hunyuan_video":
+        # stage 1 is for a HunyuanVideo checkpoint with real CFG (a tiny one without guidance embedder) ...
+        s1 = run_stage("hunyuan_video/cfg_distill", tmp_path, data, tiny_pipeline_dir["hunyuan_video_cfg"], 2,
+                       *dtype)
+        assert load_backbone(s1).guidance_embed
+        # ... the released 1.0 is guidance-distilled already: stage 2 starts from the pipeline's own transformer
         s2 = run_stage("hunyuan_video/restricted_meanflow", tmp_path, data, pipe_dir, 2, *dtype)
     else:
         s1 = run_stage("wan/cfg_distill", tmp_path, data, pipe_dir, 2, *dtype)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("hunyuan_video", "wan")
+FAMILIES = ("hunyuan_video", "wan", "hunyuan_video_cfg")
 TEXT_DIM = 16  # LLaMA / UMT5 hidden size = the transformer's text_embed_dim / text_dim
 POOLED_DIM = 8  # CLIP hidden size = HunyuanVideo's pooled_projection_dim
 SEP_ID = 102  # MiniLM's [SEP]: the CLIP pooling position (eos_token_id)
@@ -34,9 +34,9 @@ def tiny_tokenizer():
     return AutoTokenizer.from_pretrained(str(default_model_path()), local_files_only=True)
 
 
-def tiny_hunyuan_transformer_config() -> dict:
+def tiny_hunyuan_transformer_config(guidance_embeds: bool = True) -> dict:
     return dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
-                num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+                num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=guidance_embeds,
                 text_embed_dim=TEXT_DIM, pooled_projection_dim=POOLED_DIM, rope_axes_dim=(2, 2, 4))
 
 
@@ -45,7 +45,7 @@ def tiny_wan_transformer_config() -> dict:
                 text_dim=TEXT_DIM, freq_dim=16, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
 
 
-def _hunyuan_components(tokenizer) -> dict:
+def _hunyuan_components(tokenizer, guidance_embeds: bool = True) -> dict:
     from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
     from transformers import CLIPTextConfig, CLIPTextModel, LlamaConfig, LlamaModel
 
@@ -63,7 +63,8 @@ def _hunyuan_components(tokenizer) -> dict:
                                     norm_num_groups=4, spatial_compression_ratio=4, temporal_compression_ratio=4,
                                     mid_block_add_attention=False)
     return dict(text_encoder=llama, tokenizer=tokenizer, text_encoder_2=clip, tokenizer_2=tokenizer, vae=vae,
-                transformer=HunyuanVideoTransformer3DModel(**tiny_hunyuan_transformer_config()),
+                transformer=HunyuanVideoTransformer3DModel(
+                    **tiny_hunyuan_transformer_config(guidance_embeds)),
                 scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
 
 
@@ -82,15 +83,16 @@ def _wan_components(tokenizer) -> dict:
 
 
 def build_tiny_pipeline(family: str, seed: int = 0):
-    """A random tiny `HunyuanVideoPipeline` or `WanPipeline` (float32, CPU)."""
+    """A random tiny `HunyuanVideoPipeline` or `WanPipeline` (float32, CPU). 'hunyuan_video' is guidance-distilled
+    like the 1.0 release (guidance_embeds); 'hunyuan_video_cfg' samples with real CFG (no guidance embedder)."""
     from diffusers import HunyuanVideoPipeline, WanPipeline
 
     if family not in FAMILIES:
         raise ValueError(f"family {family!r} not in {FAMILIES}")
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
-    if family == "hunyuan_video":
-        return HunyuanVideoPipeline(**_hunyuan_components(tokenizer))
+    if family.startswith("hunyuan_video"):
+        return HunyuanVideoPipeline(**_hunyuan_components(tokenizer, guidance_embeds=family == "hunyuan_video"))
     return WanPipeline(**_wan_components(tokenizer))
 
 

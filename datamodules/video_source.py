@@ -133,6 +133,14 @@ def resize_crop(clip: np.ndarray, height: int, width: int) -> Tensor:
 
 
 # ---- the pipeline's own encoders ----------------------------------------------------------------------
+def torch_dtype(name: str) -> torch.dtype:
+    """'bfloat16' -> torch.bfloat16, with a clear error for anything else."""
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype {name!r} is not a torch dtype (e.g. 'float32', 'bfloat16')")
+    return dtype
+
+
 def pipeline_class(path: str | Path) -> str:
     index = Path(path) / "model_index.json"
     if not index.is_file():
@@ -253,10 +261,7 @@ def prepare_from_pipeline(out: str | Path, video_dir: str | Path, pipeline: str 
         raise ValueError(f"num_val must be in [0, {len(files)}) for {len(files)} videos, got {num_val}")
     if shard_size <= 0:
         raise ValueError(f"shard_size must be positive, got {shard_size}")
-    torch_dtype = getattr(torch, dtype, None)
-    if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"encoder dtype {dtype!r} is not a torch dtype (e.g. float32, bfloat16)")
-    encoder = PipelineEncoder(pipeline, device, torch_dtype)
+    encoder = PipelineEncoder(pipeline, device, torch_dtype(dtype))
     check_frame_rule(num_frames, encoder.temporal_ratio)
     if height % encoder.spatial_ratio or width % encoder.spatial_ratio:
         raise ValueError(f"height x width {height}x{width} must be divisible by the VAE's spatial compression "

@@ -19,11 +19,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from datamodules.video_source import PIPELINES, pipeline_class
+from datamodules.video_source import torch_dtype as _to_dtype
 
 EMBEDDERS_FILE = "disca_embedders.safetensors"
 DISCA_FILE = "disca.json"  # which adapter, r / guidance embedders, the embedder weights file
@@ -41,22 +41,13 @@ def _adapter_class(kind: str):
     raise ValueError(f"no diffusers adapter for backbone type {kind!r}; expected 'hunyuan_video' or 'wan'")
 
 
-def _dtype(name: str | None) -> torch.dtype | None:
-    if name is None:
-        return None
-    dtype = getattr(torch, name, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"torch_dtype {name!r} is not a torch dtype (e.g. 'bfloat16', 'float32')")
-    return dtype
-
-
 def load_transformer(pipeline: str, r_embed: str | None = None, guidance_embed: bool | None = None,
                      torch_dtype: str | None = None, attention_backend: str = "sdpa") -> nn.Module:
     """The transformer of the local pipeline directory `pipeline` as a backbone (nothing is downloaded).
     `guidance_embed=True` adds a zero-initialised guidance embedder where the model has none (stage 1);
     `r_embed` adds the stage-2 r embedder."""
     family = PIPELINES[pipeline_class(pipeline)][0]
-    kwargs = {"torch_dtype": _dtype(torch_dtype)} if torch_dtype else {}
+    kwargs = {"torch_dtype": _to_dtype(torch_dtype)} if torch_dtype else {}
     return _adapter_class(family).from_pretrained(pipeline, "transformer", r_embed=r_embed,
                                                   guidance_embed=guidance_embed,
                                                   attention_backend=attention_backend, **kwargs)
@@ -129,7 +120,7 @@ def load_diffusers_export(directory: str | os.PathLike, torch_dtype: str | None 
                           attention_backend: str = "sdpa") -> nn.Module:
     """Rebuild the backbone of an `export_diffusers` directory."""
     info = read_disca_config(directory)
-    kwargs = {"torch_dtype": _dtype(torch_dtype)} if torch_dtype else {}
+    kwargs = {"torch_dtype": _to_dtype(torch_dtype)} if torch_dtype else {}
     backbone = _adapter_class(info["type"]).from_pretrained(directory, None, r_embed=info.get("r_embed"),
                                                             guidance_embed=info.get("guidance_embed") or None,
                                                             attention_backend=attention_backend, **kwargs)

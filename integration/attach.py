@@ -18,6 +18,10 @@ exactly the MeanFlow step x_r = x_t - (t - r) u. At scheduled steps the full tra
 hidden state becomes the cache (ONE tensor, replaced each time); at the other steps the predictor runs.
 The pipeline's memory grows by the predictor's weights, the added embedders of the export and that tensor.
 
+The hook calls the transformer's submodules directly (through the backbone adapter), so attach it before
+`pipe.enable_model_cpu_offload()` (whose hook then moves the whole transformer on entry); sequential per-layer
+offload is not supported.
+
 Guidance: HunyuanVideo's pipeline feeds `guidance_scale * 1000` to the guidance embedder (used as is);
 for a CFG-distilled Wan (stage 1 added a guidance embedder the pipeline does not know) give
 `apply_disca(..., guidance=5.0)` and call the pipeline with `guidance_scale=1.0` (no real CFG).

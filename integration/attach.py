@@ -19,7 +19,8 @@ hidden state becomes the cache (ONE tensor, replaced each time); at the other st
 The pipeline's memory grows by the predictor's weights, the added embedders of the export and that tensor.
 
 The hook calls the transformer's submodules directly (through the backbone adapter), so attach it before
-`pipe.enable_model_cpu_offload()` (whose hook then moves the whole transformer on entry); sequential per-layer
+`pipe.enable_model_cpu_offload()` (whose hook should then move the whole transformer on entry; not tested here,
+there was no GPU); sequential per-layer
 offload is not supported.
 
 Guidance: HunyuanVideo's pipeline feeds `guidance_scale * 1000` to the guidance embedder (used as is);

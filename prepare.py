@@ -3,9 +3,9 @@
     python prepare.py --out data/digits --num_train 20000 --num_val 512 --shard_size 4096 --seed 0
     python prepare.py --source videos --video_dir clips/ --vae path/to/vae --out data/clips --num_val 8
 
-`--source videos` reads `*.npy` clips (F, H, W, 3) uint8 plus `prompts.json` ({file name: prompt})
-from --video_dir and encodes them with the diffusers VAE saved (save_pretrained) at --vae.
-Everything runs offline.
+`--source videos --pipeline PATH` encodes a folder of videos (mp4/webm/gif/png frames/.npy) with the
+VAE and text encoders of a local diffusers pipeline (datamodules/video_source.py); `--vae PATH` alone
+encodes `.npy` clips with that VAE and MiniLM prompts. Everything runs offline.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from datamodules import moving_digits as world  # noqa: E402
 from datamodules.shards import is_shard_file, prepare_from_videos, prepare_moving_digits  # noqa: E402
 from datamodules.text_encoder import MAX_LENGTH  # noqa: E402
+from datamodules.video_source import add_pipeline_args, prepare_with_pipeline  # noqa: E402
 
 
 def check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vae", help="videos: local diffusers VAE directory")
     p.add_argument("--device", default="cpu", help="videos: device for the VAE")
     p.add_argument("--overwrite", action="store_true", help="replace the dataset in a non-empty --out")
+    add_pipeline_args(p)
     args = p.parse_args(argv)
     check_sizes(p, args)
     check_output_dir(p, args.out, args.overwrite)
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
         meta = prepare_moving_digits(args.out, args.num_train, args.num_val, args.shard_size, args.seed,
                                      args.max_length, num_frames=args.num_frames, size=args.size,
                                      balanced_val=args.balanced_val)
+    elif args.pipeline:
+        meta = prepare_with_pipeline(args)
     else:
         if not args.video_dir or not args.vae:
             p.error("--source videos needs --video_dir and --vae")

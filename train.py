@@ -51,6 +51,8 @@ class DisCaCLI(LightningCLI):
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="resume from this Lightning checkpoint ('last' = the newest last.ckpt)")
         parser.add_argument("--seed", type=int, default=0, help="global seed (torch, numpy, python)")
+        parser.add_argument("--pipeline", type=str | None, default=None,
+                            help="local diffusers pipeline directory (configs/hunyuan_video, configs/wan: ${pipeline})")
 
 
 def build_cli(args: list[str] | None = None, parse_only: bool = False) -> DisCaCLI:

@@ -93,8 +93,8 @@ def _finish(out: Path, splits: dict, latent_shape: tuple[int, ...], encoder: Tex
     metadata = {
         "format_version": FORMAT_VERSION,
         "latent_shape": list(latent_shape),
-        "text": {"encoder": ENCODER_NAME, "length": max_length, "dim": tokens.shape[-1],
-                 "pooled_dim": pooled.shape[-1]},
+        "text": {"encoder": getattr(encoder, "name", ENCODER_NAME), "length": max_length, "dim": tokens.shape[-1],
+                 "pooled_dim": pooled.shape[-1], **getattr(encoder, "metadata", {"family": "minilm"})},
         "null_prompt": {**_file_entry(out / NULL_PROMPT_FILE), "prompt": NULL_PROMPT},
         "splits": splits,
         "vocab": vocab,
@@ -119,8 +119,9 @@ def _start(out: str | Path) -> Path:
 
 
 def is_shard_file(name: str) -> bool:
-    """A file this module writes besides metadata.json (shards, prompts, null prompt, a killed write's temp)."""
-    return name == NULL_PROMPT_FILE or bool(re.fullmatch(r"(train|val)-\d{5}\.(safetensors|json)|\.\S+\.partial", name))
+    """A file this module writes besides metadata.json (shards, prompts, null prompt, a killed write's temp,
+    the shard record of an interrupted pipeline prepare: datamodules/video_source.py)."""
+    return name in (NULL_PROMPT_FILE, "progress.json") or bool(re.fullmatch(r"(train|val)-\d{5}\.(safetensors|json)|\.\S+\.partial", name))
 
 
 def _shard_seed(seed: int, split: str, index: int) -> int:

@@ -26,6 +26,12 @@ projection. The untrained predictor then equals the training-free reuse baseline
 (`ReusePredictor`, Table 3's "no learned predictor" row) and training learns a correction.
 `cache_residual=False` with Hp = H is the official design.
 
+Variants (`variant`): 'single' is the design above (official HunyuanVideo 1.0 predictor). 'hunyuan_video_1_5' is the
+official HunyuanVideo 1.5 predictor's layout (SPEC §9.4): the cache is split into its image and text parts, each
+fused with the current tokens by its own MLP (`fusion_img`, `fusion_txt`), then 2 DOUBLE-stream blocks of the
+backbone's kind (separate image / text weights, joint attention), then the backbone's head. It needs a backbone
+with double-stream blocks (the HunyuanVideo adapter).
+
 RoPE: the blocks reuse the backbone's rotary tables (interleaved channel pairs, (N_img, head_dim)).
 A predictor head dim narrower than the backbone's uses an evenly spaced subset of the backbone's
 frequency pairs (every axis keeps pairs when head_dim_p / 2 >= the number of axes).
@@ -45,6 +51,7 @@ from models.io import load_state, read_config, save_module
 from models.protocol import TextCond, Tokens
 
 PREDICTOR_TYPE = "disca_predictor"
+PREDICTOR_VARIANTS = ("single", "hunyuan_video_1_5")
 # keys of a backbone config that do not change its weights (ignored when matching a predictor export)
 RUNTIME_KEYS = ("attention_backend",)
 
@@ -56,8 +63,11 @@ class PredictorConfig:
     mlp_ratio: float | None = None  # None = the backbone's
     num_heads: int | None = None  # None = max(1, Hp // the backbone's head dim)
     cache_residual: bool = False  # add the cache back before the head (see module docstring)
+    variant: str = "single"  # 'single' (HunyuanVideo 1.0 official) | 'hunyuan_video_1_5' (split fusion, double blocks)
 
     def __post_init__(self) -> None:
+        if self.variant not in PREDICTOR_VARIANTS:
+            raise ValueError(f"predictor variant {self.variant!r} not in {PREDICTOR_VARIANTS}")
         if self.hidden_size is not None and self.hidden_size <= 0:
             raise ValueError(f"predictor hidden_size must be positive, got {self.hidden_size}")
         if self.num_blocks < 1:
@@ -128,36 +138,50 @@ class Predictor(nn.Module):
     """P(C, x_t', r', t', c) -> u (Eq. 5). See the module docstring for the architecture."""
 
     def __init__(self, backbone: nn.Module, hidden_size: int | None = None, num_blocks: int = 2,
-                 mlp_ratio: float | None = None, num_heads: int | None = None, cache_residual: bool = False):
+                 mlp_ratio: float | None = None, num_heads: int | None = None, cache_residual: bool = False,
+                 variant: str = "single"):
         super().__init__()
-        cfg = PredictorConfig(hidden_size, num_blocks, mlp_ratio, num_heads, cache_residual)
+        cfg = PredictorConfig(hidden_size, num_blocks, mlp_ratio, num_heads, cache_residual, variant)
         h = backbone.hidden_size
         hp = cfg.hidden_size or h
         heads = cfg.num_heads or max(1, hp // backbone_head_dim(backbone))
         if hp % heads:
             raise ValueError(f"predictor hidden_size {hp} is not divisible by num_heads {heads}")
-        self.cfg = PredictorConfig(hp, num_blocks, cfg.mlp_ratio, heads, cache_residual)
+        self.cfg = PredictorConfig(hp, num_blocks, cfg.mlp_ratio, heads, cache_residual, variant)
         self.backbone_config = canonical_config(backbone.config)
         self.head_dim = hp // heads
         ref = next(backbone.parameters())
         factory = dict(device=ref.device, dtype=ref.dtype)
-        # 1. fusion of the current tokens with the cache
-        self.fusion = nn.Sequential(nn.Linear(2 * h, hp, **factory), nn.SiLU(), nn.Linear(hp, hp, **factory))
+        def fusion() -> nn.Sequential:
+            return nn.Sequential(nn.Linear(2 * h, hp, **factory), nn.SiLU(), nn.Linear(hp, hp, **factory))
+
+        # 1. fusion of the current tokens with the cache (1.5: image and text parts separately)
+        if variant == "single":
+            self.fusion = fusion()
+        else:
+            self.fusion_img, self.fusion_txt = fusion(), fusion()
         # 2. conditioning: the backbone's adaLN vector, projected when the predictor is narrower
         self.vec_in = nn.Linear(h, hp, **factory) if hp != h else nn.Identity()
-        # 3. blocks of the backbone's own single-stream kind
-        self.blocks = backbone.make_single_blocks(num_blocks, hidden_size=hp, mlp_ratio=cfg.mlp_ratio,
-                                                  num_heads=heads)
+        # 3. blocks of the backbone's own single-stream kind (1.5: double-stream)
+        if variant == "single":
+            self.blocks = backbone.make_single_blocks(num_blocks, hidden_size=hp, mlp_ratio=cfg.mlp_ratio,
+                                                      num_heads=heads)
+        else:
+            self.blocks = make_double_blocks(backbone, num_blocks, hp, heads, cfg.mlp_ratio)
         # 4. back to the backbone's width for its (frozen, shared) output head
         self.out_proj = nn.Linear(hp, h, **factory) if (hp != h or cache_residual) else nn.Identity()
         self.initialize_weights()
 
     @property
     def config(self) -> dict:
-        return asdict(self.cfg)
+        cfg = asdict(self.cfg)
+        if cfg["variant"] == "single":  # the default: exports stay as they were before variants existed
+            del cfg["variant"]
+        return cfg
 
     def initialize_weights(self) -> None:
-        for m in (*self.fusion, self.vec_in):
+        fusions = [*self.fusion] if self.cfg.variant == "single" else [*self.fusion_img, *self.fusion_txt]
+        for m in (*fusions, self.vec_in):
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -177,16 +201,57 @@ class Predictor(nn.Module):
             raise ValueError(f"cache shape {tuple(cache.shape)} does not match the current tokens "
                              f"{tuple(current.shape)}: was it computed for this video size and prompt length?")
         cache = cache.to(current.dtype)
-        h = self.fusion(torch.cat([current, cache], dim=-1))  # (B, N, Hp)
         vec_p = self.vec_in(vec)  # (B, Hp)
         p_tokens = replace(tokens, rope=subsample_rope(tokens.rope, self.head_dim))
         mask = key_padding_mask(tokens)
-        for block in self.blocks:
-            h = block(h, vec_p, p_tokens, mask)
+        if self.cfg.variant == "single":
+            h = self.fusion(torch.cat([current, cache], dim=-1))  # (B, N, Hp)
+            for block in self.blocks:
+                h = block(h, vec_p, p_tokens, mask)
+        else:  # split cache: image and text parts fused separately, then double-stream blocks
+            n = tokens.num_img
+            img = self.fusion_img(torch.cat([current[:, :n], cache[:, :n]], dim=-1))
+            txt = self.fusion_txt(torch.cat([current[:, n:], cache[:, n:]], dim=-1))
+            for block in self.blocks:
+                img, txt = block(img, txt, vec_p, p_tokens, mask)
+            h = torch.cat([img, txt], dim=1)
         hidden = self.out_proj(h)  # (B, N, H)
         if self.cfg.cache_residual:
             hidden = hidden + cache
         return backbone.head(hidden, vec, tokens)
+
+
+class DoubleStreamBlock(nn.Module):
+    """A HunyuanVideo double-stream block (diffusers HunyuanVideoTransformerBlock) run through the adapter's
+    `double_block_forward`: (img, txt) -> (img, txt), joint attention over the valid tokens."""
+
+    def __init__(self, num_heads: int, head_dim: int, mlp_ratio: float, qk_norm: str, attention_backend: str):
+        super().__init__()
+        from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoTransformerBlock
+
+        self.block = HunyuanVideoTransformerBlock(num_heads, head_dim, mlp_ratio=mlp_ratio, qk_norm=qk_norm)
+        self.block.attn.attention_backend = attention_backend
+
+    def forward(self, img: Tensor, txt: Tensor, vec: Tensor, tokens: Tokens, key_mask: Tensor) -> tuple[Tensor, Tensor]:
+        from models.hunyuan_video import double_block_forward
+
+        return double_block_forward(self.block, img, txt, vec, tokens.rope, key_mask)
+
+
+def make_double_blocks(backbone: nn.Module, n: int, width: int, heads: int, mlp_ratio: float | None) -> nn.ModuleList:
+    """`n` double-stream blocks of HunyuanVideo's kind for the 1.5 predictor variant."""
+    cfg = backbone.config
+    if cfg.get("type") != "hunyuan_video":
+        raise ValueError(f"predictor variant 'hunyuan_video_1_5' needs a backbone with HunyuanVideo double-stream "
+                         f"blocks (type 'hunyuan_video'), got {cfg.get('type')!r}")
+    d = cfg["diffusers_config"]
+    if width % heads:
+        raise ValueError(f"hidden_size {width} is not divisible by num_heads {heads}")
+    ref = next(backbone.parameters())
+    return nn.ModuleList(
+        DoubleStreamBlock(heads, width // heads, mlp_ratio or d.get("mlp_ratio", 4.0), d.get("qk_norm", "rms_norm"),
+                          cfg.get("attention_backend", "sdpa")).to(device=ref.device, dtype=ref.dtype)
+        for _ in range(n))
 
 
 class ReusePredictor(nn.Module):

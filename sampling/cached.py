@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from models.protocol import TextCond
 
 OFFICIAL_HUNYUAN_SCHEDULE = (0, 1, 2, 5, 9, 13, 17, 19)
+OFFICIAL_HUNYUAN_SCHEDULE_10 = (0, 1, 2, 5, 9, 11, 13, 15, 17, 19)  # the official single-GPU script: 10 of 20
 PAPER_WARMUP = {2: 6, 3: 6, 4: 3}  # N -> warm-up reproducing the paper's counts for 20 steps
 PAPER_FULL_COUNTS = {2: 13, 3: 11, 4: 8}  # appendix 6.3: 13 / 11 / 8 DiT steps of 20
 
@@ -50,6 +51,7 @@ def paper_schedule(interval: int, num_steps: int = 20) -> list[int]:
 
 SCHEDULE_PRESETS: dict[str, list[int]] = {
     "official_hunyuan": list(OFFICIAL_HUNYUAN_SCHEDULE),
+    "official_hunyuan_10": list(OFFICIAL_HUNYUAN_SCHEDULE_10),
     "disca_n2": paper_schedule(2),
     "disca_n3": paper_schedule(3),
     "disca_n4": paper_schedule(4),

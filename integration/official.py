@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
-from models.io import CONFIG_NAME, WEIGHTS_NAME, _atomic_write
+from models.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_json
 
 DIT_FILE = "hyvideo10_t2v_restricted_meanflow_540p.safetensors"
 PREDICTOR_FILE = "hyvideo10_t2v_predictor_540p.safetensors"
@@ -235,8 +235,8 @@ def _meta_backbone(config: dict) -> nn.Module:
 
 def _write_export(directory: Path, state: dict[str, Tensor], config: dict) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(state, p))
-    _atomic_write(directory / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, default=list)))
+    atomic_write(directory / WEIGHTS_NAME, save({k: v.contiguous() for k, v in state.items()}))
+    atomic_write_json(directory / CONFIG_NAME, config)
     return directory
 
 

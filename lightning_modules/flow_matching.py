@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import (adamw_warmup_cosine, drop_prompts, ema_decay_at, ema_update, export_backbone,
-                                      finite_or_raise, shard_generator)
+from lightning_modules.common import (adamw_warmup_cosine, deepspeed_gradient_clipping, drop_prompts, ema_decay_at,
+                                      ema_update, export_backbone, finite_or_raise, full_value, is_deepspeed,
+                                      shard_generator, shard_modules)
 from losses.flow import flow_matching_loss, interpolate, sample_time
 from models.io import load_state
 from models.protocol import TextCond
@@ -58,10 +59,15 @@ class FlowMatchingModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
         return loss
 
+    def configure_model(self) -> None:
+        """Shard the backbone and its EMA for the strategy in use (FSDP2 per block, ZeRO-3; see `shard_modules`)."""
+        shard_modules(self, [self.backbone, self.ema])
+        deepspeed_gradient_clipping(self, self.hparams.grad_clip)
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.hparams.grad_clip:
+        if self.hparams.grad_clip and not is_deepspeed(self):
             norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.hparams.grad_clip)
-            self.log("train/grad_norm", norm)
+            self.log("train/grad_norm", full_value(norm))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         ema_update(self.ema, self.backbone, ema_decay_at(self.global_step, self.hparams.ema_decay))

@@ -10,7 +10,11 @@ starts equal to the stage-1 model. Per step:
     loss  = w || u_theta(x_t, r, t, g) - sg(v - (t - r) du/dt) ||^2
 
 The JVP runs without autograd and the student then runs a normal forward with grad: the same peak
-memory as forward+backward, and it works with activation checkpointing and FSDP2 (SPEC §4).
+memory as forward+backward, and it works with activation checkpointing and sharding (SPEC §4).
+`jvp_method: forward_ad` (default) pushes dual tensors through an ordinary forward of the (possibly
+sharded) student, so FSDP2 and ZeRO-3 gather one block at a time exactly as in training; ZeRO-3 needs
+`memory_efficient_linear: false` and identity jvp rules on its hook Functions (`distributed.zero_jvp`).
+`func` is `torch.func.jvp` (unsharded or FSDP2 only); `finite_difference` a float32 cross-check.
 """
 from __future__ import annotations
 
@@ -23,9 +27,11 @@ from torch import Tensor, nn
 from datamodules.latent_video import batch_text
 from lightning_modules.common import (EMAStudentModule, check_guidance_range, finite_or_raise, freeze,
                                       sample_guidance, shard_generator)
+from distributed.strategies import check_zero_config_for_jvp, zero_stage
+from distributed.zero_jvp import enable_forward_ad_through_zero_hooks
 from losses.flow import interpolate
-from losses.meanflow import (check_restrict, integrate_mean_velocity, meanflow_dudt, meanflow_loss, meanflow_target,
-                             sample_t_r)
+from losses.meanflow import (JVP_METHODS, check_restrict, integrate_mean_velocity, meanflow_dudt, meanflow_loss,
+                             meanflow_target, sample_t_r)
 from models.layers import ATTENTION_BACKENDS, attention_backend
 
 
@@ -41,7 +47,8 @@ class RestrictedMeanFlowModule(EMAStudentModule):
                  restrict: float = 0.2, equal_fraction: float = 0.0, time_distribution: str = "uniform",
                  time_mean: float = 0.0, time_std: float = 1.0, time_shift: float = 1.0,
                  guidance_min: float = 1.0, guidance_max: float = 8.0, adaptive_power: float = 0.0,
-                 adaptive_eps: float = 1e-3, jvp_attention: str = "math", val_integration_steps: int = 8,
+                 adaptive_eps: float = 1e-3, jvp_attention: str = "math", jvp_method: str = "forward_ad",
+                 fd_eps: float = 1e-3, val_integration_steps: int = 8,
                  lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.99),
                  warmup_steps: int = 100, decay_steps: int | None = None, ema_decay: float = 0.999,
                  grad_clip: float = 1.0, seed: int = 0):
@@ -49,12 +56,15 @@ class RestrictedMeanFlowModule(EMAStudentModule):
         to a copy of the teacher with `enable_r_embedding(r_embed)` ('average' | 'sum' | 'interval').
         `restrict` is R; `equal_fraction` the share of r = t samples; `adaptive_power` p of the
         adaptive loss weight (0 = plain MSE); `val_integration_steps` Euler steps of the reference
-        mean velocity used by validation; `seed` keys the per-step draws (`shard_generator`)."""
+        mean velocity used by validation; `seed` keys the per-step draws (`shard_generator`).
+        `jvp_method`: 'forward_ad' | 'func' | 'finite_difference' (step `fd_eps`), see the module docstring."""
         super().__init__()
         check_guidance_range(guidance_min, guidance_max)
         check_restrict(restrict, equal_fraction)
         if jvp_attention not in ATTENTION_BACKENDS:
             raise ValueError(f"jvp_attention {jvp_attention!r} not in {ATTENTION_BACKENDS}")
+        if jvp_method not in JVP_METHODS:
+            raise ValueError(f"jvp_method {jvp_method!r} not in {JVP_METHODS}")
         if adaptive_power < 0:
             raise ValueError(f"adaptive_power must be >= 0, got {adaptive_power}")
         if val_integration_steps < 1:
@@ -94,11 +104,20 @@ class RestrictedMeanFlowModule(EMAStudentModule):
         with torch.no_grad():
             v = self.teacher.run(x_t, t, text, guidance=g).velocity
             with attention_backend(student, self.hparams.jvp_attention):
-                _, dudt = meanflow_dudt(u_fn, x_t, r, t, v)
+                _, dudt = meanflow_dudt(u_fn, x_t, r, t, v, self.hparams.jvp_method, self.hparams.fd_eps)
             u_tgt = meanflow_target(v, dudt, t, r)
         u = u_fn(x_t, r, t)  # the only pass with autograd
         loss, mse = meanflow_loss(u, u_tgt, self.hparams.adaptive_power, self.hparams.adaptive_eps)
         return {"loss": loss, "mse": mse, "v": v, "dudt": dudt, "u_tgt": u_tgt, "interval": t - r}
+
+    def setup(self, stage: str) -> None:
+        check_zero_config_for_jvp(self.trainer.strategy, self.hparams.jvp_method != "finite_difference")
+        if self.hparams.jvp_method == "func" and zero_stage(self.trainer.strategy) == 3:
+            raise ValueError("jvp_method 'func' (torch.func.jvp) does not run under DeepSpeed ZeRO-3 (SPEC §9.1): "
+                             "use jvp_method: forward_ad")
+
+    def on_fit_start(self) -> None:
+        enable_forward_ad_through_zero_hooks(self.student)  # no-op unless a ZeRO-3 engine hooked it
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         terms = self.loss_terms(batch, shard_generator(self, self.hparams.seed, batch_idx))

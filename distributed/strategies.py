@@ -1,0 +1,90 @@
+"""Strategies the presets in `configs/strategy/` name, and the stage <-> strategy checks.
+
+`DeepSpeedZeRO3` is Lightning's `DeepSpeedStrategy` made usable on CPU (gloo, DeepSpeed's CPU
+accelerator) so the same preset runs in CI on 2 processes and on GPUs: Lightning refuses any
+non-CUDA accelerator in `setup_environment` (SPEC §9.1); on CPU this class sets up the environment as
+DDP does instead. Everything else (engine, ZeRO partitioning, per-rank checkpoint directories,
+`zero.Init` around `configure_model`) is Lightning's.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # must precede the first `import deepspeed` (it picks its accelerator once)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from lightning.pytorch.accelerators import CUDAAccelerator  # noqa: E402
+from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, Strategy  # noqa: E402
+
+
+class DeepSpeedZeRO3(DeepSpeedStrategy):
+    """`DeepSpeedStrategy(config=...)` that also runs on CPU. The ZeRO config lives in the preset
+    (`configs/strategy/deepspeed_zero3.yaml`), not here."""
+
+    def setup_environment(self) -> None:
+        if isinstance(self.accelerator, CUDAAccelerator):
+            return super().setup_environment()
+        if os.environ.get("DS_ACCELERATOR", "cpu") != "cpu":
+            raise RuntimeError(f"DeepSpeed on a CPU accelerator needs DS_ACCELERATOR=cpu before deepspeed is imported, "
+                               f"got DS_ACCELERATOR={os.environ['DS_ACCELERATOR']!r}")
+        DDPStrategy.setup_environment(self)  # what DeepSpeedStrategy's parent does, minus the CUDA check
+
+    def setup_distributed(self) -> None:
+        if isinstance(self.accelerator, CUDAAccelerator):
+            return super().setup_distributed()
+        # DeepSpeedStrategy.setup_distributed minus its CUDA device-index check (CPU devices have no index)
+        reset_seed()
+        self.set_world_ranks()
+        self._init_deepspeed_distributed()
+
+    def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
+        if isinstance(self.accelerator, CUDAAccelerator):
+            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+        import deepspeed
+
+        # as Lightning's, but DeepSpeed's device_rank is the local rank (a CPU device has no index)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+            lr_scheduler=lr_scheduler, dist_init_required=False)
+        return engine, ds_optimizer
+
+    @property
+    def zero_config(self) -> dict:
+        return dict((self.config or {}).get("zero_optimization") or {})
+
+
+def strategy_kind(strategy: Strategy | None) -> str:
+    """'deepspeed' | 'fsdp2' | 'ddp' | 'single' (what the stage modules need to know)."""
+    if isinstance(strategy, DeepSpeedStrategy):
+        return "deepspeed"
+    if isinstance(strategy, ModelParallelStrategy):
+        return "fsdp2"
+    if isinstance(strategy, DDPStrategy):
+        return "ddp"
+    return "single"
+
+
+def zero_stage(strategy: Strategy | None) -> int:
+    """The ZeRO stage of a DeepSpeed strategy (0 for anything else)."""
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return 0
+    return int(((strategy.config or {}).get("zero_optimization") or {}).get("stage", 0))
+
+
+def check_zero_config_for_jvp(strategy: Strategy | None, needs_jvp: bool) -> None:
+    """ZeRO-3 replaces `torch.nn.functional.linear` process-wide by an autograd Function without a
+    forward-mode rule when `memory_efficient_linear` is true (DeepSpeed's default), so stage 2's JVP
+    cannot run under it (SPEC §9.1). Fail before training, naming the setting and the fix."""
+    if not needs_jvp or zero_stage(strategy) != 3:
+        return
+    zero = (strategy.config or {}).get("zero_optimization") or {}
+    if zero.get("memory_efficient_linear", True):
+        raise ValueError(
+            "stage 2's JVP (forward-mode AD) does not run through DeepSpeed's memory-efficient linear: set "
+            "zero_optimization.memory_efficient_linear: false in the DeepSpeed config "
+            "(configs/strategy/deepspeed_zero3.yaml does), or use jvp_method: finite_difference")

@@ -58,6 +58,20 @@ class DeepSpeedZeRO3(DeepSpeedStrategy):
         return dict((self.config or {}).get("zero_optimization") or {})
 
 
+class FSDP2(ModelParallelStrategy):
+    """Lightning's ModelParallelStrategy (FSDP2 `fully_shard` in `configure_model`, CPU and GPU) with
+    every rank data-parallel by default: its own 'auto' puts the processes of a node on a tensor-parallel
+    axis, which these stages do not use."""
+
+    def __init__(self, data_parallel_size: int | str = "auto", tensor_parallel_size: int = 1, **kwargs):
+        super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
+
+    def setup_environment(self) -> None:
+        if self._data_parallel_size == "auto":
+            self._data_parallel_size = self.num_nodes * self.num_processes // self._tensor_parallel_size
+        super().setup_environment()
+
+
 def strategy_kind(strategy: Strategy | None) -> str:
     """'deepspeed' | 'fsdp2' | 'ddp' | 'single' (what the stage modules need to know)."""
     if isinstance(strategy, DeepSpeedStrategy):
@@ -88,3 +102,24 @@ def check_zero_config_for_jvp(strategy: Strategy | None, needs_jvp: bool) -> Non
             "stage 2's JVP (forward-mode AD) does not run through DeepSpeed's memory-efficient linear: set "
             "zero_optimization.memory_efficient_linear: false in the DeepSpeed config "
             "(configs/strategy/deepspeed_zero3.yaml does), or use jvp_method: finite_difference")
+
+
+# Which strategy kinds can host which stage (`strategy_kind`); `check_stage_host` refuses the rest.
+STAGE_HOSTS = {
+    "flow_matching": ("single", "ddp", "fsdp2", "deepspeed"),
+    "cfg_distill": ("single", "ddp", "fsdp2", "deepspeed"),
+    "restricted_meanflow": ("single", "ddp", "fsdp2", "deepspeed"),
+    "predictor_gan": ("single", "ddp", "fsdp2"),
+}
+HOST_FIX = {
+    "predictor_gan": "stage 3 alternates two optimizers (D and P) and Lightning's DeepSpeed strategy accepts one: "
+                     "use configs/strategy/fsdp2.yaml (the frozen DiT sharded per block) or ddp.yaml",
+}
+
+
+def check_stage_host(stage: str, strategy: Strategy | None) -> None:
+    """Fail before training when the strategy preset cannot run `stage`, naming the preset and the fix."""
+    kind = strategy_kind(strategy)
+    if kind not in STAGE_HOSTS[stage]:
+        raise ValueError(f"strategy {type(strategy).__name__} ({kind}) cannot host stage {stage!r}: "
+                         f"{HOST_FIX.get(stage, 'use another preset')}")

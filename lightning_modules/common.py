@@ -48,6 +48,8 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are copied). Sharded
     copies are updated shard by shard on each rank, with no communication: both networks have the same
     shapes, so ZeRO-3 / FSDP2 give each rank the same slice of `ema` and `model`."""
+    reshard(ema)
+    reshard(model)
     for e, p in zip(ema.parameters(), model.parameters()):
         if zero3_partitioned(e):
             e.ds_tensor.lerp_(p.ds_tensor.to(e.ds_tensor.dtype), 1.0 - decay)
@@ -55,6 +57,24 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
             e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2 unit of `module` back in its sharded state (an FSDP2 root whose forward ran
+    without a backward, e.g. under no_grad, can stay gathered; its registered parameters are then the
+    full tensors, not the DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def optimizer_stepped(module: L.LightningModule, batch_idx: int) -> bool:
+    """Whether the batch that just ended closed an optimizer step (with gradient accumulation only every
+    `accumulate_grad_batches`-th does): the EMA follows optimizer steps, so 1 process accumulating k
+    micro-batches and k ranks with one each update it identically."""
+    return (batch_idx + 1) % module.trainer.accumulate_grad_batches == 0
 
 
 def warmup_cosine(step: int, warmup: int, total: int | None, min_ratio: float = 0.1) -> float:
@@ -110,21 +130,27 @@ def check_guidance_range(g_min: float, g_max: float) -> None:
         raise ValueError(f"need 0 <= guidance_min <= guidance_max, got guidance_min={g_min}, guidance_max={g_max}")
 
 
+ROOT_METHODS = ("embed", "condition", "head")
+
+
 def fully_shard_backbone(module: nn.Module, mesh) -> nn.Module:
-    """FSDP2-shard a backbone on `mesh` per transformer block plus the root: each block is its own unit
-    (gathered around that block's `forward`, freed after it), the root unit holds the embedders and the
-    head and is gathered around `run` (registered as an FSDP forward method, since the stages call `run`,
-    not `forward`). Peak memory is then the root plus one block's full weights. Backbones list their
-    blocks in `shard_blocks()`; one without it (or whose blocks are run outside their own `forward`, as
-    the diffusers adapters do) is sharded as one unit. A module that is already sharded is left alone."""
+    """FSDP2-shard a backbone on `mesh` per transformer block plus the root. Each block is its own unit,
+    gathered around that block's `forward` and freed after it; the root unit holds the embedders and the
+    output head and is gathered around each of `embed`, `condition` and `head` (registered as FSDP
+    forward methods: the stages and the stage-3 predictor call these parts, never `forward`). Peak
+    memory is the root plus one block's full weights. Backbones list their blocks in `shard_blocks()`;
+    one without it (the diffusers adapters, which run their blocks outside the blocks' own `forward`)
+    is sharded as one unit gathered around `run`. A module that is already sharded is left alone."""
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     if isinstance(module, FSDPModule):
         return module
-    for block in shard_blocks(module):
+    blocks = shard_blocks(module)
+    for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(module, mesh=mesh)
-    register_fsdp_forward_method(module, "run")
+    for name in (ROOT_METHODS if blocks else ("run",)):
+        register_fsdp_forward_method(module, name)
     return module
 
 
@@ -248,7 +274,8 @@ class EMAStudentModule(L.LightningModule):
             self.log("train/grad_norm", full_value(norm))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.student, ema_decay_at(self.global_step, self.hparams.ema_decay))
+        if optimizer_stepped(self, batch_idx):
+            ema_update(self.ema, self.student, ema_decay_at(self.global_step, self.hparams.ema_decay))
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -15,7 +15,7 @@ from torch import nn
 
 from datamodules.latent_video import batch_text
 from lightning_modules.common import (adamw_warmup_cosine, deepspeed_gradient_clipping, drop_prompts, ema_decay_at,
-                                      ema_update, export_backbone, finite_or_raise, full_value, is_deepspeed,
+                                      ema_update, export_backbone, finite_or_raise, full_value, is_deepspeed, optimizer_stepped,
                                       shard_generator, shard_modules)
 from losses.flow import flow_matching_loss, interpolate, sample_time
 from models.io import load_state
@@ -70,7 +70,8 @@ class FlowMatchingModule(L.LightningModule):
             self.log("train/grad_norm", full_value(norm))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.backbone, ema_decay_at(self.global_step, self.hparams.ema_decay))
+        if optimizer_stepped(self, batch_idx):
+            ema_update(self.ema, self.backbone, ema_decay_at(self.global_step, self.hparams.ema_decay))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # fixed noise and times per batch so the curve is comparable across evaluations

@@ -29,7 +29,9 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import check_guidance_range, finite_or_raise, freeze, sample_guidance
+from distributed.strategies import check_stage_host
+from lightning_modules.common import (check_guidance_range, finite_or_raise, freeze, gathered_state_dict,
+                                      sample_guidance, shard_modules)
 from losses.flow import expand_time, interpolate
 from losses.gan import discriminator_accuracy, hinge_d_loss, hinge_g_loss, prediction_mse, predictor_loss
 from losses.meanflow import check_restrict, sample_t_r
@@ -73,6 +75,19 @@ class PredictorGANModule(L.LightningModule):
         self.feature_layers = layers
         self.discriminator = Discriminator(model.hidden_size, len(layers), **d_cfg)
         self.batches_seen = 0
+
+    # --- sharding (FSDP2: the frozen DiT per block + root, P and D as one unit each) ----------------
+    def setup(self, stage: str) -> None:
+        check_stage_host("predictor_gan", self.trainer.strategy)
+
+    def configure_model(self) -> None:
+        shard_modules(self, [self.model])
+        if self.device_mesh is not None:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            for module in (self.predictor, self.discriminator):
+                if not isinstance(module, FSDPModule):
+                    fully_shard(module, mesh=self.device_mesh["data_parallel"])
 
     def train(self, mode: bool = True) -> "PredictorGANModule":
         super().train(mode)
@@ -183,6 +198,7 @@ class PredictorGANModule(L.LightningModule):
     # --- export -----------------------------------------------------------------------------------
     def export(self, directory: str | Path) -> Path:
         """Predictor-only safetensors + config.json (its config and the backbone config it belongs to)."""
-        if self.global_rank == 0:  # not sharded: one writer (the callback calls every rank)
-            save_predictor(self.predictor, directory)
+        state = gathered_state_dict(self.predictor)  # collective when sharded: every rank calls export
+        if self.global_rank == 0:
+            save_predictor(self.predictor, directory, state=state)
         return Path(directory)

@@ -65,11 +65,14 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
             os.remove(tmp)
 
 
-def save_module(module: nn.Module, directory: str | os.PathLike, config: dict) -> Path:
-    """Write `module`'s state dict as safetensors and `config` as JSON, each atomically."""
+def save_module(module: nn.Module, directory: str | os.PathLike, config: dict,
+                state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `module`'s state dict (or `state`, e.g. gathered from a sharded module) as safetensors and
+    `config` as JSON, each atomically."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    state = module.state_dict() if state is None else state
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, default=list)))
     return out

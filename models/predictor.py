@@ -210,10 +210,11 @@ def parameter_share(predictor: nn.Module, backbone: nn.Module) -> float:
     return parameter_count(predictor) / parameter_count(backbone)
 
 
-def save_predictor(predictor: Predictor, directory: str | os.PathLike) -> Path:
-    """safetensors of the predictor only + config.json with its config and the backbone config it belongs to."""
+def save_predictor(predictor: Predictor, directory: str | os.PathLike, state: dict | None = None) -> Path:
+    """safetensors of the predictor only (or `state`, its gathered state dict when sharded) + config.json
+    with its config and the backbone config it belongs to."""
     return save_module(predictor, directory, {"type": PREDICTOR_TYPE, "predictor": predictor.config,
-                                              "backbone": predictor.backbone_config})
+                                              "backbone": predictor.backbone_config}, state=state)
 
 
 def load_predictor(directory: str | os.PathLike, backbone: nn.Module) -> Predictor:

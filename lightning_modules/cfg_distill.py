@@ -30,7 +30,8 @@ class CFGDistillModule(EMAStudentModule):
                  guidance_max: float = 8.0, lr: float = 1e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 100, decay_steps: int | None = None,
                  ema_decay: float = 0.999, time_distribution: str = "uniform", time_shift: float = 1.0,
-                 grad_clip: float = 1.0, seed: int = 0):
+                 grad_clip: float = 1.0, seed: int = 0,
+                 activation_checkpointing: bool = False):
         """`teacher`: the frozen CFG model (stage-0 export). `student`: defaults to a copy of the
         teacher with `enable_guidance_embedding()`, so it starts equal to the teacher's conditional output.
         `seed` keys the per-step draws (`shard_generator`)."""

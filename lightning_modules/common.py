@@ -170,13 +170,29 @@ def zero3_leaf_blocks(module: nn.Module) -> None:
         set_z3_leaf_modules(module, classes)
 
 
-def shard_modules(pl_module: L.LightningModule, modules: list[nn.Module]) -> None:
+def checkpoint_blocks(module: nn.Module) -> None:
+    """Activation checkpointing per transformer block: a block keeps only its inputs for backward and
+    recomputes the rest (torch's composable `checkpoint`, non-reentrant: it leaves parameter names alone
+    and composes with FSDP2's and ZeRO-3's per-block gathering). Idempotent."""
+    from torch.distributed._composable import checkpoint
+
+    for block in shard_blocks(module):
+        if not block.__dict__.get("_checkpointed", False):
+            checkpoint(block)
+            block.__dict__["_checkpointed"] = True
+
+
+def shard_modules(pl_module: L.LightningModule, modules: list[nn.Module],
+                  checkpointed: list[nn.Module] = ()) -> None:
     """Shard a stage's large networks for the strategy in use (called from `configure_model`):
     FSDP2 (ModelParallelStrategy): per block + root; DeepSpeed ZeRO-3: the engine partitions every
     parameter of the LightningModule (frozen ones included), here only the per-block gathering units are
-    set; DDP / one device: nothing."""
+    set; DDP / one device: nothing. `checkpointed`: the networks whose blocks recompute activations in
+    backward (`checkpoint_blocks`), on any strategy."""
     from distributed.strategies import strategy_kind, zero_stage
 
+    for module in checkpointed:
+        checkpoint_blocks(module)
     strategy = pl_module.trainer.strategy if pl_module._trainer is not None else None
     kind = strategy_kind(strategy)
     if kind == "fsdp2" and pl_module.device_mesh is not None:
@@ -257,15 +273,17 @@ class EMAStudentModule(L.LightningModule):
     """What stages 1 and 2 share: a frozen `self.teacher`, one trained `self.student` with an EMA copy
     `self.ema` (the exported network), FSDP2 sharding, gradient clipping, AdamW with warm-up then cosine, and an FSDP2-aware export. Subclasses
     build `student`/`ema` and keep `lr, betas, weight_decay, warmup_steps, decay_steps, ema_decay,
-    grad_clip` in `hparams`."""
+    grad_clip, activation_checkpointing` in `hparams`."""
 
     teacher: nn.Module
     student: nn.Module
     ema: nn.Module
 
     def configure_model(self) -> None:
-        """Shard teacher, student and EMA for the strategy in use (`shard_modules`)."""
-        shard_modules(self, [self.teacher, self.student, self.ema])
+        """Shard teacher, student and EMA for the strategy in use (`shard_modules`); per-block activation
+        checkpointing of the student when `activation_checkpointing` is set."""
+        checkpointed = [self.student] if self.hparams.get("activation_checkpointing") else []
+        shard_modules(self, [self.teacher, self.student, self.ema], checkpointed)
         deepspeed_gradient_clipping(self, self.hparams.grad_clip)
 
     def on_before_optimizer_step(self, optimizer) -> None:

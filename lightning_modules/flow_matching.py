@@ -26,7 +26,8 @@ class FlowMatchingModule(L.LightningModule):
     def __init__(self, backbone: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 200, decay_steps: int | None = None,
                  ema_decay: float = 0.999, prompt_dropout: float = 0.1, time_distribution: str = "logit_normal",
-                 time_shift: float = 1.0, grad_clip: float = 1.0, seed: int = 0, init_from: str | None = None):
+                 time_shift: float = 1.0, grad_clip: float = 1.0, seed: int = 0, init_from: str | None = None,
+                 activation_checkpointing: bool = False):
         """`seed` seeds the per-step noise generator (see `shard_generator`). `init_from`: a backbone export
         directory to warm-start from (e.g. continue the shipped teacher); its weights must match `backbone`."""
         super().__init__()
@@ -60,8 +61,9 @@ class FlowMatchingModule(L.LightningModule):
         return loss
 
     def configure_model(self) -> None:
-        """Shard the backbone and its EMA for the strategy in use (FSDP2 per block, ZeRO-3; see `shard_modules`)."""
-        shard_modules(self, [self.backbone, self.ema])
+        """Shard the backbone and its EMA for the strategy in use (FSDP2 per block, ZeRO-3; see `shard_modules`);
+        per-block activation checkpointing of the backbone when `activation_checkpointing` is set."""
+        shard_modules(self, [self.backbone, self.ema], [self.backbone] if self.hparams.activation_checkpointing else [])
         deepspeed_gradient_clipping(self, self.hparams.grad_clip)
 
     def on_before_optimizer_step(self, optimizer) -> None:

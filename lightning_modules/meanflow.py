@@ -48,10 +48,11 @@ class RestrictedMeanFlowModule(EMAStudentModule):
                  time_mean: float = 0.0, time_std: float = 1.0, time_shift: float = 1.0,
                  guidance_min: float = 1.0, guidance_max: float = 8.0, adaptive_power: float = 0.0,
                  adaptive_eps: float = 1e-3, jvp_attention: str = "math", jvp_method: str = "forward_ad",
-                 fd_eps: float = 1e-3, val_integration_steps: int = 8,
+                 fd_eps: float = 2.0 ** -12, val_integration_steps: int = 8,
                  lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.99),
                  warmup_steps: int = 100, decay_steps: int | None = None, ema_decay: float = 0.999,
-                 grad_clip: float = 1.0, seed: int = 0):
+                 grad_clip: float = 1.0, seed: int = 0,
+                 activation_checkpointing: bool = False):
         """`teacher`: the frozen stage-1 (guidance-distilled) model, which gives v. `student`: defaults
         to a copy of the teacher with `enable_r_embedding(r_embed)` ('average' | 'sum' | 'interval').
         `restrict` is R; `equal_fraction` the share of r = t samples; `adaptive_power` p of the

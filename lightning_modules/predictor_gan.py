@@ -48,7 +48,8 @@ class PredictorGANModule(L.LightningModule):
                  time_distribution: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0,
                  time_shift: float = 1.0, mse_warmup_steps: int = 500, lr_p: float = 1e-4, lr_d: float = 1e-2,
                  lam: float = 1.0, betas_p: tuple[float, float] = (0.9, 0.999),
-                 betas_d: tuple[float, float] = (0.5, 0.999), grad_clip: float = 1.0):
+                 betas_d: tuple[float, float] = (0.5, 0.999), grad_clip: float = 1.0,
+                 activation_checkpointing: bool = False):
         """`model`: the frozen stage-2 model M (also the feature extractor F). `predictor`: kwargs of
         models.predictor.Predictor (hidden_size, num_blocks, mlp_ratio, num_heads, cache_residual).
         `discriminator`: {feature_layers: [block indices of M], scales: [1, 2], channels: 64}.
@@ -81,7 +82,9 @@ class PredictorGANModule(L.LightningModule):
         check_stage_host("predictor_gan", self.trainer.strategy)
 
     def configure_model(self) -> None:
-        shard_modules(self, [self.model])
+        """`activation_checkpointing`: the frozen DiT's blocks recompute in backward (the P step back-propagates
+        through its features)."""
+        shard_modules(self, [self.model], [self.model] if self.hparams.activation_checkpointing else [])
         if self.device_mesh is not None:
             from torch.distributed.fsdp import FSDPModule, fully_shard
 

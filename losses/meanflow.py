@@ -53,7 +53,7 @@ JVP_METHODS = ("forward_ad", "func", "finite_difference")
 
 
 def meanflow_dudt(u_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, r: Tensor, t: Tensor,
-                  v: Tensor, method: str = "func", fd_eps: float = 1e-3) -> tuple[Tensor, Tensor]:
+                  v: Tensor, method: str = "func", fd_eps: float = 2.0 ** -12) -> tuple[Tensor, Tensor]:
     """(u, du/dt) with du/dt = v d_x u + d_t u: the JVP of u_fn(x, r, t) along the tangent (v, 0, 1)
     (MeanFlow Eq. 8). Call under `torch.no_grad()` when only du/dt is needed: the target is
     stop-gradient anyway, and the no-grad JVP costs no more memory than a forward.

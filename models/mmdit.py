@@ -304,6 +304,7 @@ class MMDiT(ComposedBackbone):
             raise ValueError(f"text batch {text.batch_size} != video batch {x.shape[0]}")
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
         patches = rearrange(x, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        patches = patches.to(self.img_in.weight.dtype)  # float32 inputs into a bf16 model (DeepSpeed bf16)
         cos, sin = rope_3d(grid, cfg.rope_axes_dim, cfg.rope_theta, device=x.device)
         return Tokens(img=self.img_in(patches), txt=self.txt_in(text.tokens.to(patches.dtype)),
                       txt_mask=text.mask.bool(), grid=grid, rope=(cos, sin))

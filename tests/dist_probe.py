@@ -8,7 +8,9 @@ from pathlib import Path
 
 import lightning as L
 
-from distributed.memory import held_elements
+import torch
+
+from distributed.memory import held_elements, local_numel
 from lightning_modules.common import reshard
 
 NETWORKS = ("backbone", "teacher", "student", "ema", "model", "predictor", "discriminator")
@@ -20,7 +22,9 @@ class Probe(L.Callback):
         self.losses: list[list[float]] = []  # [global_step after the batch, batch_idx, loss]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else trainer.callback_metrics.get("train/L_P")
+        loss = outputs.get("loss") if isinstance(outputs, dict) else None
+        if loss is None:  # manual optimization (stage 3) returns nothing: its logged P loss
+            loss = trainer.callback_metrics["train/L_P"]
         self.losses.append([trainer.global_step, batch_idx, float(loss)])
 
     def on_train_end(self, trainer, pl_module) -> None:
@@ -31,6 +35,13 @@ class Probe(L.Callback):
                 reshard(module)
                 held[name] = held_elements(module)
         tag = "resume" if trainer.ckpt_path else "fresh"
+        optimizers = trainer.optimizers
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if engine is not None:  # the ZeRO optimizer wraps the torch one, which holds the fp32 partitions' state
+            optimizers = [engine.optimizer.optimizer]
+        opt_elements = sum(local_numel(v) for opt in optimizers for state in opt.state.values()
+                           for v in state.values() if torch.is_tensor(v) and v.ndim > 0)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"{tag}_rank{trainer.global_rank}.json").write_text(json.dumps(
-            {"world": trainer.world_size, "global_step": trainer.global_step, "losses": self.losses, "held": held}))
+            {"world": trainer.world_size, "global_step": trainer.global_step, "losses": self.losses, "held": held,
+             "optimizer_elements": opt_elements}))

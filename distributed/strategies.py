@@ -3,8 +3,8 @@
 `DeepSpeedZeRO3` is Lightning's `DeepSpeedStrategy` made usable on CPU (gloo, DeepSpeed's CPU
 accelerator) so the same preset runs in CI on 2 processes and on GPUs: Lightning refuses any
 non-CUDA accelerator in `setup_environment` (SPEC §9.1); on CPU this class sets up the environment as
-DDP does instead. Everything else (engine, ZeRO partitioning, per-rank checkpoint directories,
-`zero.Init` around `configure_model`) is Lightning's.
+DDP does instead, and hands DeepSpeed the local rank as its device rank. Everything else (engine, ZeRO
+partitioning, per-rank checkpoint directories, bf16 config from `trainer.precision`) is Lightning's.
 """
 from __future__ import annotations
 
@@ -53,9 +53,6 @@ class DeepSpeedZeRO3(DeepSpeedStrategy):
             lr_scheduler=lr_scheduler, dist_init_required=False)
         return engine, ds_optimizer
 
-    @property
-    def zero_config(self) -> dict:
-        return dict((self.config or {}).get("zero_optimization") or {})
 
 
 class FSDP2(ModelParallelStrategy):

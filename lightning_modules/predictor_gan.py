@@ -19,6 +19,9 @@ counter (`batches_seen`, saved in checkpoints). The paper's 500 + 1000 iteration
 `trainer.max_steps = 500 + 2 * 1000`.
 DDP: the D step leaves P's parameters unused and vice versa: use `trainer.strategy:
 ddp_find_unused_parameters_true` (= DDPStrategy(find_unused_parameters=True); SPEC §8).
+Strategy presets: `configs/strategy/ddp.yaml` (find_unused_parameters) and `fsdp2.yaml` (the frozen DiT per block
++ root, P and D one unit each); `deepspeed_zero3.yaml` is refused in `setup` (Lightning's DeepSpeed strategy takes
+one optimizer, this stage alternates two).
 """
 from __future__ import annotations
 

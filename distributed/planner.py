@@ -135,14 +135,12 @@ def plan_stage(stage: str, backbone: str, gpus: int, strategy: str, seq_tokens: 
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if gpus < 1 or seq_tokens < 1 or batch_per_gpu < 1:
         raise ValueError(f"gpus, seq_tokens and batch_per_gpu must be >= 1, got {gpus}, {seq_tokens}, {batch_per_gpu}")
-    if stage == "predictor_gan" and strategy == "deepspeed_zero3":
-        from distributed.strategies import HOST_FIX
-
-        return {"stage": stage, "refused": HOST_FIX[stage]}
     nets = build_networks(stage, backbone, init_args)
     ds_bf16 = strategy == "deepspeed_zero3" and precision == "bf16-mixed"
     param_b, grad_b, opt_b, frozen_b = (2, 2, 12, 2) if ds_bf16 else (4, 4, 8, 4)
-    trained = sum(rank0_elements(m, strategy, gpus) for m in nets.trained.values())
+    # under ZeRO-3 stage 3's discriminator stays outside the engine, replicated (PredictorGANModule)
+    trained = sum(rank0_elements(m, "ddp" if (strategy, name) == ("deepspeed_zero3", "discriminator") else strategy,
+                                 gpus) for name, m in nets.trained.items())
     ema = rank0_elements(nets.ema, strategy, gpus) if nets.ema is not None else 0
     frozen = rank0_elements(nets.frozen, strategy, gpus) if nets.frozen is not None else 0
     out = {"stage": stage, "trained_elements": trained, "ema_elements": ema, "frozen_elements": frozen,
@@ -172,10 +170,7 @@ def format_table(rows: list[dict], header: str) -> str:
     cols = ("params", "grads", "optimizer", "ema", "frozen", "activations", "total")
     lines = [header, "| stage | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row in rows:
-        if "refused" in row:
-            lines.append(f"| {row['stage']} | refused: {row['refused']} |")
-        else:
-            lines.append(f"| {row['stage']} | " + " | ".join(f"{row[c] / gib:.2f} GiB" for c in cols) + " |")
+        lines.append(f"| {row['stage']} | " + " | ".join(f"{row[c] / gib:.2f} GiB" for c in cols) + " |")
     return "\n".join(lines)
 
 

@@ -42,16 +42,25 @@ class DeepSpeedZeRO3(DeepSpeedStrategy):
         self._init_deepspeed_distributed()
 
     def _setup_model_and_optimizer(self, model, optimizer, lr_scheduler=None):
-        if isinstance(self.accelerator, CUDAAccelerator):
-            return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
-        import deepspeed
+        """Lightning's engine set-up, with two changes: on CPU DeepSpeed's device_rank is the local rank (a CPU
+        device has no index); submodules named by the LightningModule's `modules_outside_zero()` are detached
+        before the engine is built, so it neither partitions nor hooks nor steps them, and stay plain attributes
+        of the module afterwards (ZeRO-3 walks every registered parameter at each step): the LightningModule
+        checkpoints them itself."""
+        kept = {name: model._modules.pop(name) for name in getattr(model, "modules_outside_zero", tuple)()}
+        try:
+            if isinstance(self.accelerator, CUDAAccelerator):
+                return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
+            import deepspeed
 
-        # as Lightning's, but DeepSpeed's device_rank is the local rank (a CPU device has no index)
-        engine, ds_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-            lr_scheduler=lr_scheduler, dist_init_required=False)
-        return engine, ds_optimizer
+            engine, ds_optimizer, _, _ = deepspeed.initialize(
+                args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
+                model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
+                lr_scheduler=lr_scheduler, dist_init_required=False)
+            return engine, ds_optimizer
+        finally:
+            for name, module in kept.items():
+                object.__setattr__(model, name, module.to(self.root_device))
 
 
 
@@ -101,22 +110,15 @@ def check_zero_config_for_jvp(strategy: Strategy | None, needs_jvp: bool) -> Non
             "(configs/strategy/deepspeed_zero3.yaml does), or use jvp_method: finite_difference")
 
 
-# Which strategy kinds can host which stage (`strategy_kind`); `check_stage_host` refuses the rest.
-STAGE_HOSTS = {
-    "flow_matching": ("single", "ddp", "fsdp2", "deepspeed"),
-    "cfg_distill": ("single", "ddp", "fsdp2", "deepspeed"),
-    "restricted_meanflow": ("single", "ddp", "fsdp2", "deepspeed"),
-    "predictor_gan": ("single", "ddp", "fsdp2"),
-}
-HOST_FIX = {
-    "predictor_gan": "stage 3 alternates two optimizers (D and P) and Lightning's DeepSpeed strategy accepts one: "
-                     "use configs/strategy/fsdp2.yaml (the frozen DiT sharded per block) or ddp.yaml",
-}
-
-
-def check_stage_host(stage: str, strategy: Strategy | None) -> None:
-    """Fail before training when the strategy preset cannot run `stage`, naming the preset and the fix."""
+def check_stage_host(stage: str, strategy: Strategy | None, backbone=None) -> None:
+    """Fail before training when the strategy preset cannot run `stage` with this backbone, naming the
+    preset and the fix. Stage 3's predictor calls the frozen DiT's `embed` / `condition` / `head` directly:
+    under FSDP2 these are gathered only for backbones sharded per block (root methods registered, see
+    `lightning_modules.common.fully_shard_backbone`); the diffusers adapters are sharded as one unit around
+    `run`, so stage 3 cannot use them under FSDP2."""
     kind = strategy_kind(strategy)
-    if kind not in STAGE_HOSTS[stage]:
-        raise ValueError(f"strategy {type(strategy).__name__} ({kind}) cannot host stage {stage!r}: "
-                         f"{HOST_FIX.get(stage, 'use another preset')}")
+    if stage == "predictor_gan" and kind == "fsdp2" and not hasattr(backbone, "shard_blocks"):
+        raise ValueError(f"strategy {type(strategy).__name__} (configs/strategy/fsdp2.yaml) cannot host stage 3 with "
+                         f"the {type(backbone).__name__} backbone: it has no per-block sharding units (shard_blocks), "
+                         f"so its embedders and head are not gathered for the predictor; use "
+                         f"configs/strategy/deepspeed_zero3.yaml or ddp.yaml")

@@ -202,7 +202,8 @@ class ReusePredictor(nn.Module):
 
 
 def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Elements of the full parameters (a ZeRO-3 partitioned parameter reports its full size in `ds_numel`)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
 
 
 def parameter_share(predictor: nn.Module, backbone: nn.Module) -> float:

@@ -39,6 +39,8 @@ class Probe(L.Callback):
         engine = getattr(trainer.strategy, "deepspeed_engine", None)
         if engine is not None:  # the ZeRO optimizer wraps the torch one, which holds the fp32 partitions' state
             optimizers = [engine.optimizer.optimizer]
+            if hasattr(pl_module, "replicated_opt_d"):  # stage 3: D's optimizer, outside the engine
+                optimizers.append(pl_module.replicated_opt_d.optimizer)
         opt_elements = sum(local_numel(v) for opt in optimizers for state in opt.state.values()
                            for v in state.values() if torch.is_tensor(v) and v.ndim > 0)
         self.out_dir.mkdir(parents=True, exist_ok=True)

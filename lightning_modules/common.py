@@ -223,13 +223,6 @@ def zero3_partitioned(p: Tensor) -> bool:
     return hasattr(p, "ds_tensor")
 
 
-def local_shard(p: Tensor) -> Tensor:
-    """This rank's part of a parameter: a ZeRO-3 partition, an FSDP2 DTensor's local shard, or the tensor."""
-    if zero3_partitioned(p):
-        return p.ds_tensor
-    return p.to_local() if hasattr(p, "to_local") else p
-
-
 def full_value(x: Tensor) -> Tensor:
     """A DTensor's full value (e.g. a grad norm under FSDP2), a plain tensor unchanged."""
     return x.full_tensor() if hasattr(x, "full_tensor") else x

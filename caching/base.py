@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from models.protocol import PLAIN, FeatureHook
+from models.protocol import PLAIN, FeatureHook, observes
 
 
 # --- FLOPs and bytes -------------------------------------------------------------------------------
@@ -259,11 +259,20 @@ def nfe_per_call(velocity) -> float:
     return 2.0 if getattr(velocity, "mode", "plain") == "cfg" else 1.0
 
 
+class _ObservingPlain(FeatureHook):
+    """Computes everything, caches nothing, and lets the backbone compute its observed signals."""
+
+    def observe(self, key: str, value: Tensor) -> None:
+        pass
+
+
 def measure_call_flops(velocity, x: Tensor, t: Tensor, r: Tensor) -> int:
     """Theoretical FLOPs of one full, uncached call of `velocity` (a `ModelVelocity`) at (x, t, r):
-    the hook is swapped for the plain one during the measurement and the NFE count restored."""
+    the hook is swapped for the plain one during the measurement and the NFE count restored. A cache
+    that observes signals (TeaCache) gets a plain hook that observes too: backbones compute the signals
+    only for hooks that use them, and every step of such a cache pays for them."""
     hook, nfe = velocity.hook, velocity.nfe
-    velocity.hook = PLAIN
+    velocity.hook = _ObservingPlain() if observes(hook) else PLAIN
     try:
         with torch.no_grad(), flop_counter() as counter:
             velocity(x, t, r, 0)

@@ -44,10 +44,17 @@ class SampleVideos(L.Callback):
                     exp.add_image("samples/real", video_grid(batch["latents"].float().cpu()), trainer.global_step)
                     self._logged_real = True
 
+    @staticmethod
+    def samples_here(trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """Rank 0 samples; with a sharded model (FSDP2, ZeRO-3) every rank must take part in the gathers
+        (the loggers of the other ranks write nothing)."""
+        return trainer.is_global_zero or any(hasattr(p, "ds_tensor") or hasattr(p, "full_tensor")
+                                             for p in pl_module.sampling_model().parameters())
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.is_global_zero and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+        if self.samples_here(trainer, pl_module) and self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
             self.log_samples(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
+        if self.samples_here(trainer, pl_module):
             self.log_samples(trainer, pl_module)

@@ -19,7 +19,7 @@ import lightning as L
 import numpy as np
 import torch
 from safetensors import safe_open
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.resumable import ResumableDataLoader
 from datamodules.shards import FORMAT_VERSION, LABEL_KEYS, METADATA_FILE, prepare_moving_digits, sha256_file
@@ -125,21 +125,29 @@ class ShardedLatentDataset(Dataset):
         return item
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(DistributedSampler):
     """A permutation drawn from (seed, epoch): resuming at epoch k reproduces epoch k's order.
 
     Without `set_epoch` every pass repeats epoch 0's order (as torch's DistributedSampler does).
+    With `num_replicas` > 1, replica `rank` takes positions rank, rank + num_replicas, ... of that one
+    permutation (the tail that does not divide evenly is dropped), so with a per-rank batch of 1 the
+    ranks together see exactly the 1-process order, rank k drawing what micro-batch k of one process
+    accumulating num_replicas micro-batches draws. It is a DistributedSampler so that Lightning uses it
+    as is instead of wrapping it in a second, differently shuffled one.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True):
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} not in [0, num_replicas={num_replicas})")
         self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self.num_replicas, self.rank = num_replicas, rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples
+        return self.num_samples // self.num_replicas
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
@@ -147,7 +155,7 @@ class EpochShuffleSampler(Sampler[int]):
             order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(seed)).tolist()
         else:
             order = list(range(self.num_samples))
-        return iter(order)
+        return iter(order[: len(self) * self.num_replicas][self.rank::self.num_replicas])
 
 
 def collate(items: list[dict]) -> dict:
@@ -249,10 +257,15 @@ class LatentVideoDataModule(L.LightningDataModule):
         """Batches of the current epoch the trainer has trained on (for mid-epoch resume)."""
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
+    def _replicas(self) -> tuple[int, int]:
+        """(number of data-parallel replicas, this rank) from the attached trainer; (1, 0) without one."""
+        trainer = self.trainer
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
     def train_dataloader(self) -> DataLoader:
         data = self._split("train")
         return ResumableDataLoader(data, batch_size=self.batch_size,
-                                   sampler=EpochShuffleSampler(len(data), self.seed, self.shuffle),
+                                   sampler=EpochShuffleSampler(len(data), self.seed, self.shuffle, *self._replicas()),
                                    num_workers=self.num_workers, collate_fn=collate, drop_last=self.drop_last,
                                    persistent_workers=self.num_workers > 0, progress=self._batches_done)
 

@@ -30,7 +30,8 @@ class CFGDistillModule(EMAStudentModule):
                  guidance_max: float = 8.0, lr: float = 1e-4, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 100, decay_steps: int | None = None,
                  ema_decay: float = 0.999, time_distribution: str = "uniform", time_shift: float = 1.0,
-                 grad_clip: float = 1.0, seed: int = 0):
+                 grad_clip: float = 1.0, seed: int = 0,
+                 activation_checkpointing: bool = False):
         """Stage 1: distil classifier-free guidance into a guidance-conditioned student.
 
         Args:
@@ -49,6 +50,7 @@ class CFGDistillModule(EMAStudentModule):
             time_shift: timestep shift applied to the sampled times (1 = none).
             grad_clip: gradient-norm clipping threshold (0 = off).
             seed: keys the per-step draws (`shard_generator`), so resumes are exact.
+            activation_checkpointing: recompute each block in the backward pass (less activation memory).
         """
         super().__init__()
         check_guidance_range(guidance_min, guidance_max)

@@ -45,11 +45,36 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are copied)."""
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (buffers are copied). Sharded
+    copies are updated shard by shard on each rank, with no communication: both networks have the same
+    shapes, so ZeRO-3 / FSDP2 give each rank the same slice of `ema` and `model`."""
+    reshard(ema)
+    reshard(model)
     for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+        if zero3_partitioned(e):
+            e.ds_tensor.lerp_(p.ds_tensor.to(e.ds_tensor.dtype), 1.0 - decay)
+        else:
+            e.lerp_(p.detach(), 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
+
+
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2 unit of `module` back in its sharded state (an FSDP2 root whose forward ran
+    without a backward, e.g. under no_grad, can stay gathered; its registered parameters are then the
+    full tensors, not the DTensor shards)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def optimizer_stepped(module: L.LightningModule, batch_idx: int) -> bool:
+    """Whether the batch that just ended closed an optimizer step (with gradient accumulation only every
+    `accumulate_grad_batches`-th does): the EMA follows optimizer steps, so 1 process accumulating k
+    micro-batches and k ranks with one each update it identically."""
+    return (batch_idx + 1) % module.trainer.accumulate_grad_batches == 0
 
 
 def warmup_cosine(step: int, warmup: int, total: int | None, min_ratio: float = 0.1) -> float:
@@ -107,20 +132,97 @@ def check_guidance_range(g_min: float, g_max: float) -> None:
         raise ValueError(f"need 0 <= guidance_min <= guidance_max, got guidance_min={g_min}, guidance_max={g_max}")
 
 
+ROOT_METHODS = ("embed", "condition", "head")
+
+
 def fully_shard_backbone(module: nn.Module, mesh) -> nn.Module:
-    """FSDP2-shard a backbone on `mesh` as one unit: parameters, gradients and optimizer state are
-    sharded at rest and gathered around each `run` call (registered as an FSDP forward method, since
-    the stages call `run`, not `forward`). Per-block units would need backbones that touch a block's
-    weights only inside its `forward`; the MMDiT reads block 0's modulation outside it and the
-    HunyuanVideo adapter re-implements its blocks, so one unit is the correct generic choice.
-    A module that is already sharded is left alone."""
+    """FSDP2-shard a backbone on `mesh` per transformer block plus the root. Each block is its own unit,
+    gathered around that block's `forward` and freed after it; the root unit holds the embedders and the
+    output head and is gathered around each of `embed`, `condition` and `head` (registered as FSDP
+    forward methods: the stages and the stage-3 predictor call these parts, never `forward`). Peak
+    memory is the root plus one block's full weights. Backbones list their blocks in `shard_blocks()`;
+    one without it (the diffusers adapters, which run their blocks outside the blocks' own `forward`)
+    is sharded as one unit gathered around `run`. A module that is already sharded is left alone."""
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     if isinstance(module, FSDPModule):
         return module
+    blocks = shard_blocks(module)
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
     fully_shard(module, mesh=mesh)
-    register_fsdp_forward_method(module, "run")
+    for name in (ROOT_METHODS if blocks else ("run",)):
+        register_fsdp_forward_method(module, name)
     return module
+
+
+def shard_blocks(module: nn.Module) -> list[nn.Module]:
+    """The backbone's transformer blocks that are safe per-block sharding units (see `fully_shard_backbone`)."""
+    return list(module.shard_blocks()) if hasattr(module, "shard_blocks") else []
+
+
+def zero3_leaf_blocks(module: nn.Module) -> None:
+    """ZeRO-3 gathers a parameter in the pre-forward hook of the module that owns it; blocks that slice
+    a child's weight (the MMDiT's fused single-stream linears) are marked ZeRO-3 leaves, so the whole
+    block is gathered on entry and released after it (per-block, as with FSDP2)."""
+    from deepspeed.utils import set_z3_leaf_modules
+
+    classes = sorted({type(b) for b in shard_blocks(module)}, key=lambda c: c.__name__)
+    if classes:
+        set_z3_leaf_modules(module, classes)
+
+
+def checkpoint_blocks(module: nn.Module) -> None:
+    """Activation checkpointing per transformer block: a block keeps only its inputs for backward and
+    recomputes the rest (torch's composable `checkpoint`, non-reentrant: it leaves parameter names alone
+    and composes with FSDP2's and ZeRO-3's per-block gathering). Idempotent."""
+    from torch.distributed._composable import checkpoint
+
+    for block in shard_blocks(module):
+        if not block.__dict__.get("_checkpointed", False):
+            checkpoint(block)
+            block.__dict__["_checkpointed"] = True
+
+
+def shard_modules(pl_module: L.LightningModule, modules: list[nn.Module],
+                  checkpointed: list[nn.Module] = ()) -> None:
+    """Shard a stage's large networks for the strategy in use (called from `configure_model`):
+    FSDP2 (ModelParallelStrategy): per block + root; DeepSpeed ZeRO-3: the engine partitions every
+    parameter of the LightningModule (frozen ones included), here only the per-block gathering units are
+    set; DDP / one device: nothing. `checkpointed`: the networks whose blocks recompute activations in
+    backward (`checkpoint_blocks`), on any strategy."""
+    from distributed.strategies import strategy_kind, zero_stage
+
+    for module in checkpointed:
+        checkpoint_blocks(module)
+    strategy = pl_module.trainer.strategy if pl_module._trainer is not None else None
+    kind = strategy_kind(strategy)
+    if kind == "fsdp2" and pl_module.device_mesh is not None:
+        mesh = pl_module.device_mesh["data_parallel"]
+        for module in modules:
+            fully_shard_backbone(module, mesh)
+    elif kind == "deepspeed" and zero_stage(strategy) == 3:
+        for module in modules:
+            zero3_leaf_blocks(module)
+
+
+def is_deepspeed(pl_module: L.LightningModule) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return pl_module._trainer is not None and isinstance(pl_module.trainer.strategy, DeepSpeedStrategy)
+
+
+def deepspeed_gradient_clipping(pl_module: L.LightningModule, grad_clip: float) -> None:
+    """DeepSpeed owns the gradients (partitioned under ZeRO), so it clips them itself: hand it the
+    module's `grad_clip` (global norm) unless the DeepSpeed config sets its own."""
+    if is_deepspeed(pl_module):
+        config = pl_module.trainer.strategy.config
+        if not config.get("gradient_clipping"):
+            config["gradient_clipping"] = float(grad_clip or 0.0)
+
+
+def zero3_partitioned(p: Tensor) -> bool:
+    return hasattr(p, "ds_tensor")
 
 
 def full_value(x: Tensor) -> Tensor:
@@ -128,13 +230,33 @@ def full_value(x: Tensor) -> Tensor:
     return x.full_tensor() if hasattr(x, "full_tensor") else x
 
 
+def gathered_state_dict(module: nn.Module) -> dict[str, Tensor]:
+    """The full, unsharded state dict on CPU. FSDP2: DTensors gathered (collective). ZeRO-3: gathered one
+    submodule at a time (collective), so no rank ever holds more than one submodule's full weights on
+    the accelerator. Plain modules: their state dict."""
+    if any(zero3_partitioned(p) for p in module.parameters()):
+        import deepspeed
+
+        state: dict[str, Tensor] = {}
+        for prefix, sub in module.named_modules():
+            params = list(sub.parameters(recurse=False))
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                for name, p in sub.named_parameters(recurse=False):
+                    state[f"{prefix}.{name}" if prefix else name] = p.detach().cpu().clone()
+        for name, b in module.named_buffers():
+            state[name] = b.detach().cpu().clone()
+        return {k: state[k] for k in module.state_dict()}  # state-dict order and keys
+    return {k: full_value(v).detach().cpu() for k, v in module.state_dict().items()}
+
+
 def export_backbone(module: nn.Module, directory: str | Path, write: bool = True) -> Path:
-    """`save_backbone`, also for an FSDP2-sharded backbone: its parameters are gathered into a fresh
-    unsharded copy first. Gathering is collective, so with sharding every rank must call this; only
-    ranks with `write=True` write files."""
-    if not any(hasattr(p, "full_tensor") for p in module.parameters()):
+    """`save_backbone`, also for a sharded (FSDP2 or ZeRO-3) backbone: its parameters are gathered into
+    a fresh unsharded copy first. Gathering is collective, so with sharding every rank must call this;
+    only ranks with `write=True` write files."""
+    sharded = any(hasattr(p, "full_tensor") or zero3_partitioned(p) for p in module.parameters())
+    if not sharded:
         return save_backbone(module, directory) if write else Path(directory)
-    state = {k: full_value(v).detach().cpu() for k, v in module.state_dict().items()}
+    state = gathered_state_dict(module)
     if not write:
         return Path(directory)
     plain = build_backbone(module.config)
@@ -146,27 +268,27 @@ class EMAStudentModule(L.LightningModule):
     """What stages 1 and 2 share: a frozen `self.teacher`, one trained `self.student` with an EMA copy
     `self.ema` (the exported network), FSDP2 sharding, gradient clipping, AdamW with warm-up then cosine, and an FSDP2-aware export. Subclasses
     build `student`/`ema` and keep `lr, betas, weight_decay, warmup_steps, decay_steps, ema_decay,
-    grad_clip` in `hparams`."""
+    grad_clip, activation_checkpointing` in `hparams`."""
 
     teacher: nn.Module
     student: nn.Module
     ema: nn.Module
 
     def configure_model(self) -> None:
-        """FSDP2-shard teacher, student and EMA under ModelParallelStrategy; any other strategy: nothing."""
-        if self.device_mesh is None:
-            return
-        mesh = self.device_mesh["data_parallel"]
-        for module in (self.teacher, self.student, self.ema):
-            fully_shard_backbone(module, mesh)
+        """Shard teacher, student and EMA for the strategy in use (`shard_modules`); per-block activation
+        checkpointing of the student when `activation_checkpointing` is set."""
+        checkpointed = [self.student] if self.hparams.get("activation_checkpointing") else []
+        shard_modules(self, [self.teacher, self.student, self.ema], checkpointed)
+        deepspeed_gradient_clipping(self, self.hparams.grad_clip)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.hparams.grad_clip:
+        if self.hparams.grad_clip and not is_deepspeed(self):
             norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.hparams.grad_clip)
             self.log("train/grad_norm", full_value(norm))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.student, ema_decay_at(self.global_step, self.hparams.ema_decay))
+        if optimizer_stepped(self, batch_idx):
+            ema_update(self.ema, self.student, ema_decay_at(self.global_step, self.hparams.ema_decay))
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import (adamw_warmup_cosine, drop_prompts, ema_decay_at, ema_update, export_backbone,
-                                      finite_or_raise, shard_generator)
+from lightning_modules.common import (adamw_warmup_cosine, deepspeed_gradient_clipping, drop_prompts, ema_decay_at,
+                                      ema_update, export_backbone, finite_or_raise, full_value, is_deepspeed, optimizer_stepped,
+                                      shard_generator, shard_modules)
 from losses.flow import flow_matching_loss, interpolate, sample_time
 from models.io import load_state
 from models.protocol import TextCond
@@ -25,7 +26,8 @@ class FlowMatchingModule(L.LightningModule):
     def __init__(self, backbone: nn.Module, lr: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.99), warmup_steps: int = 200, decay_steps: int | None = None,
                  ema_decay: float = 0.999, prompt_dropout: float = 0.1, time_distribution: str = "logit_normal",
-                 time_shift: float = 1.0, grad_clip: float = 1.0, seed: int = 0, init_from: str | None = None):
+                 time_shift: float = 1.0, grad_clip: float = 1.0, seed: int = 0, init_from: str | None = None,
+                 activation_checkpointing: bool = False):
         """Stage 0: rectified-flow teacher training.
 
         Args:
@@ -42,6 +44,7 @@ class FlowMatchingModule(L.LightningModule):
             grad_clip: gradient-norm clipping threshold (0 = off).
             seed: seeds the per-step noise/time/dropout generator (`shard_generator`), so resumes are exact.
             init_from: backbone export directory to warm-start from; its weights must match `backbone`.
+            activation_checkpointing: recompute each block in the backward pass (less activation memory).
         """
         super().__init__()
         self.save_hyperparameters(ignore=["backbone"])
@@ -73,13 +76,20 @@ class FlowMatchingModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["latents"].shape[0])
         return loss
 
+    def configure_model(self) -> None:
+        """Shard the backbone and its EMA for the strategy in use (FSDP2 per block, ZeRO-3; see `shard_modules`);
+        per-block activation checkpointing of the backbone when `activation_checkpointing` is set."""
+        shard_modules(self, [self.backbone, self.ema], [self.backbone] if self.hparams.activation_checkpointing else [])
+        deepspeed_gradient_clipping(self, self.hparams.grad_clip)
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self.hparams.grad_clip:
+        if self.hparams.grad_clip and not is_deepspeed(self):
             norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.hparams.grad_clip)
-            self.log("train/grad_norm", norm)
+            self.log("train/grad_norm", full_value(norm))
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        ema_update(self.ema, self.backbone, ema_decay_at(self.global_step, self.hparams.ema_decay))
+        if optimizer_stepped(self, batch_idx):
+            ema_update(self.ema, self.backbone, ema_decay_at(self.global_step, self.hparams.ema_decay))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # fixed noise and times per batch so the curve is comparable across evaluations

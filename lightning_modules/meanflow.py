@@ -11,7 +11,11 @@ starts equal to the stage-1 model. Per step:
     loss  = w || u_theta(x_t, r, t, g) - sg(v - (t - r) du/dt) ||^2
 
 The JVP runs without autograd and the student then runs a normal forward with grad: the same peak
-memory as forward+backward, and it works with activation checkpointing and FSDP2 (SPEC §4).
+memory as forward+backward, and it works with activation checkpointing and sharding (SPEC §4).
+`jvp_method: forward_ad` (default) pushes dual tensors through an ordinary forward of the (possibly
+sharded) student, so FSDP2 and ZeRO-3 gather one block at a time exactly as in training; ZeRO-3 needs
+`memory_efficient_linear: false` and identity jvp rules on its hook Functions (`distributed.zero_jvp`).
+`func` is `torch.func.jvp` (unsharded or FSDP2 only); `finite_difference` a float32 cross-check.
 """
 from __future__ import annotations
 
@@ -24,9 +28,12 @@ from torch import Tensor, nn
 from datamodules.latent_video import batch_text
 from lightning_modules.common import (EMAStudentModule, check_guidance_range, finite_or_raise, freeze,
                                       sample_guidance, shard_generator)
+from distributed.strategies import check_zero_config_for_jvp, zero_stage
+from distributed.zero_jvp import enable_forward_ad_through_zero_hooks
 from losses.flow import interpolate
-from losses.meanflow import (LOSS_REDUCTIONS, check_restrict, check_t_r_sampler, integrate_mean_velocity,
-                             meanflow_dudt, meanflow_loss, meanflow_target, sample_t_r, sample_t_r_meanflow)
+from losses.meanflow import (JVP_METHODS, LOSS_REDUCTIONS, check_restrict, check_t_r_sampler,
+                             integrate_mean_velocity, meanflow_dudt, meanflow_loss, meanflow_target, sample_t_r,
+                             sample_t_r_meanflow)
 from models.layers import ATTENTION_BACKENDS, attention_backend
 
 
@@ -44,10 +51,12 @@ class RestrictedMeanFlowModule(EMAStudentModule):
                  t_r_sampler: str = "restricted", time_r_mean: float = -0.4, time_r_std: float = 1.0,
                  loss_reduction: str = "mean",
                  guidance_min: float = 1.0, guidance_max: float = 8.0, adaptive_power: float = 0.0,
-                 adaptive_eps: float = 1e-3, jvp_attention: str = "math", val_integration_steps: int = 8,
+                 adaptive_eps: float = 1e-3, jvp_attention: str = "math", jvp_method: str = "forward_ad",
+                 fd_eps: float = 2.0 ** -12, val_integration_steps: int = 8,
                  lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.99),
                  warmup_steps: int = 100, decay_steps: int | None = None, ema_decay: float = 0.999,
-                 grad_clip: float = 1.0, seed: int = 0):
+                 grad_clip: float = 1.0, seed: int = 0,
+                 activation_checkpointing: bool = False):
         """Stage 2: Restricted MeanFlow distillation of the stage-1 model.
 
         Args:
@@ -72,6 +81,9 @@ class RestrictedMeanFlowModule(EMAStudentModule):
             adaptive_power: p of the adaptive loss weight (0 = plain MSE).
             adaptive_eps: epsilon of the adaptive loss weight.
             jvp_attention: attention backend inside the JVP (see ATTENTION_BACKENDS).
+            jvp_method: how du/dt is computed: 'forward_ad' (default, composes with ZeRO-3 and FSDP2),
+                'func' (torch.func.jvp) or 'finite_difference' (a cross-check, step `fd_eps`).
+            fd_eps: step of the central finite difference (jvp_method 'finite_difference').
             val_integration_steps: Euler steps of the reference mean velocity used by validation.
             lr: AdamW peak learning rate.
             weight_decay: AdamW weight decay.
@@ -81,6 +93,7 @@ class RestrictedMeanFlowModule(EMAStudentModule):
             ema_decay: EMA decay of the exported student.
             grad_clip: gradient-norm clipping threshold (0 = off).
             seed: keys the per-step draws (`shard_generator`), so resumes are exact.
+            activation_checkpointing: recompute each block in the backward pass (less activation memory).
         """
         super().__init__()
         check_guidance_range(guidance_min, guidance_max)
@@ -90,6 +103,8 @@ class RestrictedMeanFlowModule(EMAStudentModule):
         check_t_r_sampler(t_r_sampler, restrict, time_distribution, time_shift)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction {loss_reduction!r} not in {LOSS_REDUCTIONS}")
+        if jvp_method not in JVP_METHODS:
+            raise ValueError(f"jvp_method {jvp_method!r} not in {JVP_METHODS}")
         if adaptive_power < 0:
             raise ValueError(f"adaptive_power must be >= 0, got {adaptive_power}")
         if val_integration_steps < 1:
@@ -135,12 +150,21 @@ class RestrictedMeanFlowModule(EMAStudentModule):
         with torch.no_grad():
             v = self.teacher.run(x_t, t, text, guidance=g).velocity
             with attention_backend(student, self.hparams.jvp_attention):
-                _, dudt = meanflow_dudt(u_fn, x_t, r, t, v)
+                _, dudt = meanflow_dudt(u_fn, x_t, r, t, v, self.hparams.jvp_method, self.hparams.fd_eps)
             u_tgt = meanflow_target(v, dudt, t, r)
         u = u_fn(x_t, r, t)  # the only pass with autograd
         loss, mse = meanflow_loss(u, u_tgt, self.hparams.adaptive_power, self.hparams.adaptive_eps,
                                   self.hparams.loss_reduction)
         return {"loss": loss, "mse": mse, "v": v, "dudt": dudt, "u_tgt": u_tgt, "interval": t - r}
+
+    def setup(self, stage: str) -> None:
+        check_zero_config_for_jvp(self.trainer.strategy, self.hparams.jvp_method != "finite_difference")
+        if self.hparams.jvp_method == "func" and zero_stage(self.trainer.strategy) == 3:
+            raise ValueError("jvp_method 'func' (torch.func.jvp) does not run under DeepSpeed ZeRO-3 (SPEC §9.1): "
+                             "use jvp_method: forward_ad")
+
+    def on_fit_start(self) -> None:
+        enable_forward_ad_through_zero_hooks(self.student)  # no-op unless a ZeRO-3 engine hooked it
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         terms = self.loss_terms(batch, shard_generator(self, self.hparams.seed, batch_idx))

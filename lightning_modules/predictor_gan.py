@@ -21,9 +21,17 @@ counter (`batches_seen`, saved in checkpoints). The paper's 500 + 1000 iteration
 (seed, batch, rank), so a killed and resumed run continues the uninterrupted one exactly.
 DDP: the D step leaves P's parameters unused and vice versa: use `trainer.strategy:
 ddp_find_unused_parameters_true` (= DDPStrategy(find_unused_parameters=True); SPEC §8).
+Strategy presets: `configs/strategy/ddp.yaml` (find_unused_parameters); `fsdp2.yaml` (the frozen DiT per block
++ root, P and D one unit each); `deepspeed_zero3.yaml`: Lightning's DeepSpeed strategy takes one optimizer, so the
+engine holds P's optimizer and partitions P and the frozen DiT, while D (small: a few conv heads) stays outside
+ZeRO (a plain attribute once the engine is built), replicated, with its own optimizer whose gradients are
+averaged across ranks (`ReplicatedOptimizer`); D's weights and optimizer state are saved in the checkpoint's
+client state. D's step is plain autograd + its own optimizer (only D changes); P's step
+is the engine's backward + step (only P changes): the D/P alternation stays exact.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import lightning as L
@@ -31,15 +39,43 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
-from lightning_modules.common import check_guidance_range, finite_or_raise, freeze, sample_guidance, shard_generator
+from distributed.strategies import check_stage_host
+from lightning_modules.common import (check_guidance_range, deepspeed_gradient_clipping, finite_or_raise, freeze,
+                                      gathered_state_dict, is_deepspeed, sample_guidance, shard_generator,
+                                      shard_modules)
 from losses.flow import expand_time, interpolate
 from losses.gan import discriminator_accuracy, hinge_d_loss, hinge_g_loss, prediction_mse, predictor_loss
 from losses.meanflow import check_restrict, sample_t_r
 from models.discriminator import Discriminator, dit_features
-from models.predictor import Predictor, ReusePredictor, parameter_share, save_predictor
+from models.predictor import Predictor, ReusePredictor, parameter_count, parameter_share, save_predictor
 from models.protocol import TextCond
 
-STEP_MSE, STEP_GAN = 0, 1  # logged as train/step_kind: MSE-only batch / D step then P step
+STEP_MSE, STEP_GAN = 0, 1
+
+
+class ReplicatedOptimizer:
+    """D's optimizer under DeepSpeed: D is replicated on every rank outside the ZeRO engine, so before each
+    step its gradients are averaged across ranks (what DDP would do), then a plain torch step. D's step
+    touches only D; the engine's step (P's optimizer) touches only P: the alternation stays exact."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, on_step=None):
+        self.optimizer, self.on_step = optimizer, on_step
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad)
+                        p.grad /= dist.get_world_size()
+        self.optimizer.step()
+        if self.on_step is not None:
+            self.on_step()  # logged as train/step_kind: MSE-only batch / D step then P step
 
 
 class PredictorGANModule(L.LightningModule):
@@ -48,7 +84,8 @@ class PredictorGANModule(L.LightningModule):
                  time_distribution: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0,
                  time_shift: float = 1.0, mse_warmup_steps: int = 500, lr_p: float = 1e-4, lr_d: float = 1e-2,
                  lam: float = 1.0, betas_p: tuple[float, float] = (0.9, 0.999),
-                 betas_d: tuple[float, float] = (0.5, 0.999), grad_clip: float = 1.0, seed: int = 0):
+                 betas_d: tuple[float, float] = (0.5, 0.999), grad_clip: float = 1.0, seed: int = 0,
+                 activation_checkpointing: bool = False):
         """Stage 3: predictor P + discriminator D on the frozen stage-2 model M.
 
         Args:
@@ -72,6 +109,7 @@ class PredictorGANModule(L.LightningModule):
             betas_d: Adam betas of the discriminator.
             grad_clip: predictor gradient-norm clipping threshold (0 = off).
             seed: keys the per-batch time/noise generator (seed, batch, rank), so resumes are exact.
+            activation_checkpointing: recompute each block of the frozen DiT in the backward pass.
         """
         super().__init__()
         self.save_hyperparameters(ignore=["model"])
@@ -95,6 +133,22 @@ class PredictorGANModule(L.LightningModule):
         self.discriminator = Discriminator(model.hidden_size, len(layers), **d_cfg)
         self.batches_seen = 0
 
+    # --- sharding (FSDP2: the frozen DiT per block + root, P and D as one unit each) ----------------
+    def setup(self, stage: str) -> None:
+        check_stage_host("predictor_gan", self.trainer.strategy, self.model)
+
+    def configure_model(self) -> None:
+        """`activation_checkpointing`: the frozen DiT's blocks recompute in backward (the P step back-propagates
+        through its features)."""
+        shard_modules(self, [self.model], [self.model] if self.hparams.activation_checkpointing else [])
+        deepspeed_gradient_clipping(self, self.hparams.grad_clip)  # P's, inside the engine
+        if self.device_mesh is not None:
+            from torch.distributed.fsdp import FSDPModule, fully_shard
+
+            for module in (self.predictor, self.discriminator):
+                if not isinstance(module, FSDPModule):
+                    fully_shard(module, mesh=self.device_mesh["data_parallel"])
+
     def train(self, mode: bool = True) -> "PredictorGANModule":
         super().train(mode)
         self.model.eval()  # the frozen DiT never enters training mode
@@ -103,13 +157,19 @@ class PredictorGANModule(L.LightningModule):
     # --- checkpointed batch counter (global_step counts optimizer steps, not batches) -------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["predictor_gan_batches_seen"] = self.batches_seen
+        if hasattr(self, "replicated_opt_d"):  # D outside the DeepSpeed engine: its weights and optimizer here
+            checkpoint["predictor_gan_discriminator"] = self.discriminator.state_dict()
+            checkpoint["predictor_gan_opt_d"] = self.replicated_opt_d.optimizer.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.batches_seen = int(checkpoint.get("predictor_gan_batches_seen", 0))
+        if hasattr(self, "replicated_opt_d") and "predictor_gan_opt_d" in checkpoint:
+            self.discriminator.load_state_dict(checkpoint["predictor_gan_discriminator"])
+            self.replicated_opt_d.optimizer.load_state_dict(checkpoint["predictor_gan_opt_d"])
 
     def on_fit_start(self) -> None:
         share = parameter_share(self.predictor, self.model)
-        self.print(f"predictor: {sum(p.numel() for p in self.predictor.parameters()):,} parameters = "
+        self.print(f"predictor: {parameter_count(self.predictor):,} parameters = "
                    f"{100 * share:.2f}% of the backbone")
 
     # --- Algorithm 3, lines 2-8 -------------------------------------------------------------------
@@ -141,7 +201,7 @@ class PredictorGANModule(L.LightningModule):
 
     # --- training ---------------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        opt_p, opt_d = self.optimizers()
+        opt_p, opt_d = self.stage_optimizers()
         hp = self.hparams
         text = batch_text(batch)
         # keyed by (seed, batch, rank): a resumed run redraws exactly the uninterrupted run's times and noise
@@ -151,14 +211,14 @@ class PredictorGANModule(L.LightningModule):
         logs = {"train/step_kind": float(STEP_GAN if gan else STEP_MSE)}
 
         if gan:  # D step (Eq. 7): real = the target model's output, fake = the predictor's, detached
-            with self.toggled_optimizer(opt_d):
+            with self.d_step_context(opt_d):
                 with torch.no_grad():
                     fake_features = self.next_features(s, u.detach(), text)
                     real_features = self.next_features(s, s["target"], text)
                 fake_logits, real_logits = self.discriminator(*fake_features), self.discriminator(*real_features)
                 loss_d = finite_or_raise("train/L_D", hinge_d_loss(real_logits, fake_logits), self.global_step)
                 opt_d.zero_grad(set_to_none=True)
-                self.manual_backward(loss_d)
+                self.d_backward(loss_d)
                 opt_d.step()
             logs.update({"train/L_D": loss_d.detach(), "train/d_real_logit": real_logits.detach().mean(),
                          "train/d_fake_logit": fake_logits.detach().mean(),
@@ -175,7 +235,7 @@ class PredictorGANModule(L.LightningModule):
             finite_or_raise("train/L_P", loss_p, self.global_step)
             opt_p.zero_grad(set_to_none=True)
             self.manual_backward(loss_p)
-            if hp.grad_clip:
+            if hp.grad_clip and not is_deepspeed(self):
                 self.clip_gradients(opt_p, gradient_clip_val=hp.grad_clip, gradient_clip_algorithm="norm")
             opt_p.step()
         logs.update({"train/L_P": loss_p.detach(), "train/mse": mse.detach()})
@@ -200,11 +260,41 @@ class PredictorGANModule(L.LightningModule):
         hp = self.hparams
         opt_p = torch.optim.Adam(self.predictor.parameters(), lr=hp.lr_p, betas=tuple(hp.betas_p))
         opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=tuple(hp.betas_d))
+        if is_deepspeed(self):  # the engine takes P's optimizer; D's stays outside ZeRO (see the module docstring)
+            self.replicated_opt_d = ReplicatedOptimizer(opt_d, on_step=self.count_optimizer_step)
+            return opt_p
         return [opt_p, opt_d]
+
+    def count_optimizer_step(self) -> None:
+        """Count D's step in `global_step` as Lightning counts every optimizer step in manual optimization
+        (so `max_steps` means the same under every strategy: 1 per MSE batch, 2 per GAN batch)."""
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress.increment_ready()
+        progress.increment_completed()
+
+    def modules_outside_zero(self) -> tuple[str, ...]:
+        """Submodules the DeepSpeed engine must not partition (`distributed.strategies.DeepSpeedZeRO3`)."""
+        return ("discriminator",)
+
+    def stage_optimizers(self) -> tuple:
+        """(P's optimizer, D's optimizer), under every strategy."""
+        if is_deepspeed(self):
+            return self.optimizers(), self.replicated_opt_d
+        return tuple(self.optimizers())
+
+    def d_step_context(self, opt_d):
+        """Lightning's optimizer toggling for D's step; under DeepSpeed D is outside the engine and its loss
+        reaches no P parameter (the features are computed without grad), so there is nothing to toggle."""
+        return contextlib.nullcontext() if is_deepspeed(self) else self.toggled_optimizer(opt_d)
+
+    def d_backward(self, loss_d: Tensor) -> None:
+        """D's backward: plain autograd under DeepSpeed (the engine's backward belongs to P's step)."""
+        loss_d.backward() if is_deepspeed(self) else self.manual_backward(loss_d)
 
     # --- export -----------------------------------------------------------------------------------
     def export(self, directory: str | Path) -> Path:
         """Predictor-only safetensors + config.json (its config and the backbone config it belongs to)."""
-        if self.global_rank == 0:  # not sharded: one writer (the callback calls every rank)
-            save_predictor(self.predictor, directory)
+        state = gathered_state_dict(self.predictor)  # collective when sharded: every rank calls export
+        if self.global_rank == 0:
+            save_predictor(self.predictor, directory, state=state)
         return Path(directory)

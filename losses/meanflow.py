@@ -93,15 +93,42 @@ def sample_t_r_meanflow(batch: int, *, mean_t: float = -0.4, std_t: float = 1.0,
     return t, torch.where(equal, t, r)  # (B,), (B,) float32, 0 < r <= t < 1
 
 
+JVP_METHODS = ("forward_ad", "func", "finite_difference")
+
+
 def meanflow_dudt(u_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, r: Tensor, t: Tensor,
-                  v: Tensor) -> tuple[Tensor, Tensor]:
+                  v: Tensor, method: str = "func", fd_eps: float = 2.0 ** -12) -> tuple[Tensor, Tensor]:
     """(u, du/dt) with du/dt = v d_x u + d_t u: the JVP of u_fn(x, r, t) along the tangent (v, 0, 1)
-    (MeanFlow Eq. 8). `u_fn` must be a plain function of its tensors (pass the unwrapped module, not a
-    DDP/FSDP wrapper). Call under `torch.no_grad()` when only du/dt is needed: the target is
-    stop-gradient anyway, and the no-grad JVP costs no more memory than a forward."""
+    (MeanFlow Eq. 8). Call under `torch.no_grad()` when only du/dt is needed: the target is
+    stop-gradient anyway, and the no-grad JVP costs no more memory than a forward.
+
+    `method`: 'func' = `torch.func.jvp` (a functional transform: `u_fn` must be a plain function of its
+    tensors, not a DDP/FSDP wrapper, and it does not run under DeepSpeed ZeRO-3); 'forward_ad' =
+    `torch.autograd.forward_ad` dual tensors through an ordinary forward, so sharding hooks (FSDP2,
+    ZeRO-3) gather each block as in a normal forward (SPEC §9.1); 'finite_difference' = central
+    difference with step `fd_eps` along (v, 0, 1), 2 forwards (its u is their mean, exact to O(eps^2)),
+    a float32 cross-check only (SPEC §4)."""
     if t.dtype != torch.float32 or r.dtype != torch.float32:
         raise ValueError(f"t and r must be float32 (SPEC §2), got {t.dtype} and {r.dtype}")
-    return torch.func.jvp(lambda x_, t_: u_fn(x_, r, t_), (x, t), (v.to(x.dtype), torch.ones_like(t)))
+    tangent_x, tangent_t = v.to(x.dtype), torch.ones_like(t)
+    if method == "func":
+        return torch.func.jvp(lambda x_, t_: u_fn(x_, r, t_), (x, t), (tangent_x, tangent_t))
+    if method == "forward_ad":
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            out = u_fn(fwAD.make_dual(x, tangent_x), r, fwAD.make_dual(t, tangent_t))
+            u, dudt = fwAD.unpack_dual(out)
+        if dudt is None:  # the output does not depend on (x, t): a zero tangent
+            dudt = torch.zeros_like(u)
+        return u, dudt
+    if method == "finite_difference":
+        if not fd_eps > 0:
+            raise ValueError(f"fd_eps must be > 0, got {fd_eps}")
+        up = u_fn(x + fd_eps * tangent_x, r, t + fd_eps)
+        down = u_fn(x - fd_eps * tangent_x, r, t - fd_eps)
+        return (up + down) / 2, (up - down) / (2 * fd_eps)
+    raise ValueError(f"unknown JVP method {method!r}; expected one of {JVP_METHODS}")
 
 
 def meanflow_target(v: Tensor, dudt: Tensor, t: Tensor, r: Tensor) -> Tensor:

@@ -113,11 +113,14 @@ def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     return atomic_write(path, json.dumps(obj, indent=2, default=list).encode())
 
 
-def save_module(module: nn.Module, directory: str | os.PathLike, config: dict) -> Path:
-    """Write `module`'s state dict as safetensors and `config` as JSON, each atomically."""
+def save_module(module: nn.Module, directory: str | os.PathLike, config: dict,
+                state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `module`'s state dict (or `state`, e.g. gathered from a sharded module) as safetensors and
+    `config` as JSON, each atomically."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    state = module.state_dict() if state is None else state
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     atomic_write(out / WEIGHTS_NAME, save(state))
     atomic_write_json(out / CONFIG_NAME, config)
     return out

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from models.layers import (ATTENTION_BACKENDS, MLPEmbedder, RMSNorm, TimestepEmbedder, apply_rope, attention,
                            modulate, rope_3d)
-from models.protocol import PLAIN, ComposedBackbone, FeatureHook, TextCond, Tokens, check_time
+from models.protocol import PLAIN, ComposedBackbone, FeatureHook, TextCond, Tokens, check_time, observes
 
 R_EMBED_MODES = ("average", "sum", "interval")
 
@@ -237,6 +237,10 @@ class MMDiT(ComposedBackbone):
     def num_blocks(self) -> int:
         return len(self.double_blocks) + len(self.single_blocks)
 
+    def shard_blocks(self) -> list[nn.Module]:
+        """Per-block sharding units (FSDP2 / ZeRO-3): each block's weights are read only inside its forward."""
+        return [*self.double_blocks, *self.single_blocks]
+
     def initialize_weights(self) -> None:
         def _basic(m: nn.Module) -> None:
             if isinstance(m, nn.Linear):
@@ -299,6 +303,7 @@ class MMDiT(ComposedBackbone):
             raise ValueError(f"text batch {text.batch_size} != video batch {x.shape[0]}")
         grid = (x.shape[2] // pt, x.shape[3] // ph, x.shape[4] // pw)
         patches = rearrange(x, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
+        patches = patches.to(self.img_in.weight.dtype)  # float32 inputs into a bf16 model (DeepSpeed bf16)
         cos, sin = rope_3d(grid, cfg.rope_axes_dim, cfg.rope_theta, device=x.device)
         return Tokens(img=self.img_in(patches), txt=self.txt_in(text.tokens.to(patches.dtype)),
                       txt_mask=text.mask.bool(), grid=grid, rope=(cos, sin))
@@ -336,7 +341,7 @@ class MMDiT(ComposedBackbone):
             raise ValueError(f"feature_layers {sorted(wanted)} out of range [0, {self.num_blocks})")
         # TeaCache's signal: block 0's modulated image input (cheap, computed before any block)
         first = self.double_blocks[0] if len(self.double_blocks) else None
-        if first is not None:
+        if first is not None and observes(hook):  # only caches observe: training never reads block 0 here
             shift, scale = first.img.mod(vec)[:2]
             hook.observe("modulated_input", modulate(first.img.norm1(tokens.img), shift, scale))
         x0 = torch.cat([tokens.img, tokens.txt], dim=1)

@@ -267,7 +267,8 @@ class ReusePredictor(nn.Module):
 
 
 def parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Elements of the full parameters (a ZeRO-3 partitioned parameter reports its full size in `ds_numel`)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
 
 
 def parameter_share(predictor: nn.Module, backbone: nn.Module) -> float:
@@ -275,10 +276,11 @@ def parameter_share(predictor: nn.Module, backbone: nn.Module) -> float:
     return parameter_count(predictor) / parameter_count(backbone)
 
 
-def save_predictor(predictor: Predictor, directory: str | os.PathLike) -> Path:
-    """safetensors of the predictor only + config.json with its config and the backbone config it belongs to."""
+def save_predictor(predictor: Predictor, directory: str | os.PathLike, state: dict | None = None) -> Path:
+    """safetensors of the predictor only (or `state`, its gathered state dict when sharded) + config.json
+    with its config and the backbone config it belongs to."""
     return save_module(predictor, directory, {"type": PREDICTOR_TYPE, "predictor": predictor.config,
-                                              "backbone": predictor.backbone_config})
+                                              "backbone": predictor.backbone_config}, state=state)
 
 
 def load_predictor(directory: str | os.PathLike, backbone: nn.Module) -> Predictor:

@@ -116,6 +116,12 @@ class FeatureHook:
 PLAIN = FeatureHook()
 
 
+def observes(hook: FeatureHook) -> bool:
+    """Whether `hook` uses `observe` signals: backbones skip computing them otherwise (they read a
+    block's weights outside that block's forward, which per-block sharding does not gather)."""
+    return type(hook).observe is not FeatureHook.observe
+
+
 @runtime_checkable
 class VideoBackbone(Protocol):
     """What stages and samplers require of a backbone (see module docstring)."""

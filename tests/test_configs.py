@@ -24,6 +24,8 @@ def kind(path: Path) -> str:
         return "evaluate"
     if "stages" in keys:
         return "demo"
+    if path.parent.name == "strategy" and keys == {"trainer"}:
+        return "strategy"  # a preset added as a second --config (tests/test_strategy_errors.py parses them)
     return "unknown"
 
 
@@ -48,6 +50,10 @@ def test_config_parses(path: Path, tmp_path):
         moved = evaluate.build_parser().parse_args(["--config", str(path), "--teacher", str(tmp_path / "t")])
         for before, after in zip(cfg.methods, moved.methods):
             assert after.model == (str(tmp_path / "t") if before.model == cfg.teacher else before.model)
+    elif k == "strategy":  # composes with a stage config (every stage x preset: tests/test_strategy_errors.py)
+        cfg = train.parse_config(["--config", str(ROOT / "configs/smoke/cfg_distill.yaml"), "--config", str(path),
+                                  "--trainer.default_root_dir", str(tmp_path)])
+        assert cfg.trainer.strategy.class_path.split(".")[-1] in ("DDPStrategy", "FSDP2", "DeepSpeedZeRO3")
     else:  # a pipeline of scripts/demo.py (make demo, make reproduce), interpolations resolved
         demo = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
         for stage in demo["stages"]:  # the pipeline's overrides are valid for the stage's config

@@ -1,0 +1,49 @@
+"""A callback the multi-process preset tests add on the command line
+(`--trainer.callbacks+='{"class_path": "tests.dist_probe.Probe", "init_args": {"out_dir": ...}}'`):
+each rank writes its per-batch losses, final step and the parameter elements it holds per network."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+
+import torch
+
+from distributed.memory import held_elements, local_numel
+from lightning_modules.common import reshard
+
+NETWORKS = ("backbone", "teacher", "student", "ema", "model", "predictor", "discriminator")
+
+
+class Probe(L.Callback):
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+        self.losses: list[list[float]] = []  # [global_step after the batch, batch_idx, loss]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, dict) else None
+        if loss is None:  # manual optimization (stage 3) returns nothing: its logged P loss
+            loss = trainer.callback_metrics["train/L_P"]
+        self.losses.append([trainer.global_step, batch_idx, float(loss)])
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        held = {}
+        for name in NETWORKS:
+            module = getattr(pl_module, name, None)
+            if module is not None:
+                reshard(module)
+                held[name] = held_elements(module)
+        tag = "resume" if trainer.ckpt_path else "fresh"
+        optimizers = trainer.optimizers
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)
+        if engine is not None:  # the ZeRO optimizer wraps the torch one, which holds the fp32 partitions' state
+            optimizers = [engine.optimizer.optimizer]
+            if hasattr(pl_module, "replicated_opt_d"):  # stage 3: D's optimizer, outside the engine
+                optimizers.append(pl_module.replicated_opt_d.optimizer)
+        opt_elements = sum(local_numel(v) for opt in optimizers for state in opt.state.values()
+                           for v in state.values() if torch.is_tensor(v) and v.ndim > 0)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / f"{tag}_rank{trainer.global_rank}.json").write_text(json.dumps(
+            {"world": trainer.world_size, "global_step": trainer.global_step, "losses": self.losses, "held": held,
+             "optimizer_elements": opt_elements}))

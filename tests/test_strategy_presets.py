@@ -131,7 +131,7 @@ def test_two_process_preset(stage: str, preset: str, tmp_path: Path, reference) 
     assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
     sharded_weights = load_export(stage, export)
 
-    if stage == "predictor_gan":  # its draws are not yet keyed per shard: no 1-process twin (see README)
+    if stage == "predictor_gan":  # manual optimization cannot accumulate micro-batches: no 1-process twin (README)
         return
     single = reference(stage)
     # micro-batch 2s + k; Lightning reports an accumulated micro-batch's loss divided by the accumulation (2)

@@ -37,7 +37,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,9 +45,11 @@ from datamodules.latent_video import LatentVideoDataModule, batch_text  # noqa: 
 from lightning_modules.predictor_gan import PredictorGANModule  # noqa: E402
 from losses.flow import expand_time  # noqa: E402
 from losses.gan import discriminator_accuracy, hinge_d_loss  # noqa: E402
-from models.discriminator import Discriminator, dit_features  # noqa: E402
+from models.discriminator import Discriminator, dit_features, patchify  # noqa: E402
 from models.io import load_backbone  # noqa: E402
 from models.predictor import ReusePredictor, embed_tokens, load_predictor  # noqa: E402
+from sampling.cached import CachedVelocity, paper_schedule  # noqa: E402
+from sampling.sampler import ModelVelocity, sample, time_grid  # noqa: E402
 
 VIEWS = ("x_next", "x0", "residual")
 
@@ -64,7 +65,7 @@ class Row:
     channels: int = 64
     delta_max: float = 0.2
     scale: float = 1.0
-    gain: float = 1.0  # D input multiplied by this: raises the spectral-norm Lipschitz bound by the same factor
+    gain: float = 1.0  # Discriminator(gain=): its input times this, raising the spectral-norm Lipschitz bound
 
 
 def default_rows(num_blocks: int, layers: tuple[int, ...]) -> list[Row]:
@@ -76,7 +77,8 @@ def default_rows(num_blocks: int, layers: tuple[int, ...]) -> list[Row]:
     rows += [replace(base, name="view x0", view="x0"), replace(base, name="view residual", view="residual"),
              replace(base, name="delta_max 0.5", delta_max=0.5), replace(base, name="error x4", scale=4.0),
              replace(base, name="input gain 10", gain=10.0),
-             replace(base, name="residual, lr 1e-3", view="residual", lr=1e-3)]
+             replace(base, name="residual, lr 1e-3", view="residual", lr=1e-3),
+             replace(base, name="residual, gain 10", view="residual", gain=10.0)]
     return rows
 
 
@@ -101,13 +103,6 @@ def collect_pairs(module: PredictorGANModule, batches: list[dict], seed: int = 0
         s["text"] = text
         out.append(s)
     return out
-
-
-def patchify(x: Tensor, grid: tuple[int, int, int]) -> Tensor:
-    """(B, C, F, H, W) -> (B, F'H'W', C pt ph pw) on the backbone's patch grid."""
-    f, h, w = grid
-    return rearrange(x, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", f=f, h=h, w=w,
-                     pt=x.shape[2] // f, ph=x.shape[3] // h, pw=x.shape[4] // w)
 
 
 @torch.no_grad()
@@ -178,12 +173,12 @@ def split_indices(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
 
 def train_discriminator(real: list[Tensor], fake: list[Tensor], grid: tuple[int, int, int], train_idx: Tensor,
                         test_idx: Tensor, *, lr: float = 1e-2, channels: int = 64, scales: tuple[int, ...] = (1, 2),
-                        steps: int = 200, batch: int = 16, betas: tuple[float, float] = (0.5, 0.999),
+                        gain: float = 1.0, steps: int = 200, batch: int = 16, betas: tuple[float, float] = (0.5, 0.999),
                         seed: int = 0) -> dict:
     """Train models.discriminator.Discriminator alone with Eq. 7's hinge loss on fixed pairs (real and fake
     of the same samples in each batch, as in training); its accuracy on the held-out pairs."""
     torch.manual_seed(seed)
-    d = Discriminator(real[0].shape[-1], len(real), scales, channels)
+    d = Discriminator(real[0].shape[-1], len(real), scales, channels, gain)
     opt = torch.optim.Adam(d.parameters(), lr=lr, betas=betas)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
@@ -244,7 +239,8 @@ def linear_probe(real: list[Tensor], fake: list[Tensor], train_idx: Tensor, test
 def evaluate_rows(module: PredictorGANModule, batches: list[dict], rows: list[Row], *, d_steps: int = 200,
                   d_batch: int = 16, seed: int = 0, log=print) -> tuple[dict, list[dict]]:
     """Error sizes of the module's pairs and one result dict per row (pairs and views computed once each)."""
-    pair_sets: dict[float, list[dict]] = {}
+    base_delta = module.hparams.delta_max  # error sizes at the module's own Delta_max even with no rows
+    pair_sets: dict[float, list[dict]] = {base_delta: collect_pairs(module, batches, seed)}
     views: dict[tuple, dict] = {}
     results = []
     for row in rows:
@@ -258,20 +254,35 @@ def evaluate_rows(module: PredictorGANModule, batches: list[dict], rows: list[Ro
             views[key] = view_tensors(module, pair_sets[row.delta_max], row.view, row.scale)
         v = views[key]
         real, fake = select_layers(row.view, v["real"], row.layers), select_layers(row.view, v["fake"], row.layers)
-        if row.gain != 1:
-            real, fake = [row.gain * f for f in real], [row.gain * f for f in fake]
         train_idx, test_idx = split_indices(real[0].shape[0], seed)
         start = time.perf_counter()
         res = {**asdict(row), **feature_offset(real, fake),
                **linear_probe(real, fake, train_idx, test_idx),
                **train_discriminator(real, fake, v["grid"], train_idx, test_idx, lr=row.lr, channels=row.channels,
-                                     steps=d_steps, batch=d_batch, seed=seed),
+                                     gain=row.gain, steps=d_steps, batch=d_batch, seed=seed),
                "seconds": time.perf_counter() - start}
         log(json.dumps(res))
         results.append(res)
-    module.hparams.delta_max = rows[0].delta_max
+    module.hparams.delta_max = base_delta
     sizes = {dm: error_sizes(p) for dm, p in pair_sets.items()}
     return sizes, results
+
+
+@torch.no_grad()
+def cached_sample_error(model: torch.nn.Module, predictor: torch.nn.Module, batches: list[dict], *,
+                        interval: int = 4, num_steps: int = 20, guidance: float = 4.0, seed: int = 0) -> dict:
+    """DisCa sampling (the paper's N-interval schedule) against the same model sampled without the cache, same
+    noise and prompts: mean squared distance of the final latents, for `predictor` and for the reuse."""
+    grid, schedule = time_grid(num_steps), paper_schedule(interval, num_steps)
+    err: dict[str, list[Tensor]] = {"predictor": [], "reuse": []}
+    for i, batch in enumerate(batches):
+        text = batch_text(batch)
+        noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(seed + i))
+        full = sample(ModelVelocity(model, text, mode="meanflow", guidance=guidance), noise, grid)
+        for name, p in (("predictor", predictor), ("reuse", ReusePredictor())):
+            cached = sample(CachedVelocity(model, p, text, schedule, guidance=guidance), noise, grid)
+            err[name].append((cached - full).pow(2).flatten(1).mean(1))
+    return {f"sample_mse_{k}": torch.cat(v).mean().item() for k, v in err.items()}
 
 
 def markdown_table(results: list[dict]) -> str:
@@ -313,6 +324,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--d_steps", type=int, default=200)
     p.add_argument("--d_batch", type=int, default=16)
     p.add_argument("--rows", nargs="*", default=None, help="names of default rows to run (default: all)")
+    p.add_argument("--sample_batches", type=int, default=0,
+                   help="also sample this many batches with DisCa (N=4, 20 steps) and without the cache")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
@@ -331,7 +344,12 @@ def main(argv: list[str] | None = None) -> dict:
     batches = load_batches(args.data_dir, args.split, args.num_pairs, args.batch_size)
     sizes, results = evaluate_rows(module, batches, rows, d_steps=args.d_steps, d_batch=args.d_batch,
                                    seed=args.seed, log=lambda s: print(s, flush=True))
-    report = {"args": vars(args), "error_sizes": sizes, "rows": results, "seconds": time.perf_counter() - start}
+    report = {"args": vars(args), "error_sizes": sizes, "rows": results}
+    if args.sample_batches:
+        report["cached_sampling"] = cached_sample_error(model, module.predictor, batches[: args.sample_batches],
+                                                        seed=args.seed)
+        print(json.dumps(report["cached_sampling"]))
+    report["seconds"] = time.perf_counter() - start
     print(json.dumps(sizes, indent=1))
     print(markdown_table(results))
     if args.out:

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from benchmarks import gan_diagnosis as gd
+from datamodules.latent_video import batch_text
+from losses.gan import hinge_g_loss
 from models.io import save_backbone
 from models.predictor import PREDICTOR_PRESETS, Predictor, save_predictor
 from tests.conftest import perturb
@@ -105,3 +107,48 @@ def test_evaluate_rows_and_cli(tmp_path):
     report = gd.main(common + ["--num_pairs", "8", "--d_steps", "2", "--rows", "view residual", "lr 1e-3",
                                "--out", str(out)])
     assert json.loads(out.read_text())["rows"][0]["name"] == "lr 1e-3" and len(report["rows"]) == 2
+
+
+def test_residual_discriminator_input_option():
+    """discriminator.input 'residual': D sees u - head(C, vec) patchified (an untrained predictor's is 0), trains,
+    and its hinge term reaches the predictor; the default stays the paper's x_next."""
+    from tests.test_predictor_gan import fit, module
+
+    assert module().d_input == "x_next"
+    with pytest.raises(ValueError, match="input 'x0'"):
+        module(discriminator=dict(input="x0"))
+    mod = module(discriminator=dict(input="residual", channels=8), lam=1.0)
+    assert mod.discriminator.heads[0].net[0].in_channels == 3 * 1 * 4 * 4  # C pt ph pw of the tiny MMDiT
+    text = batch_text(batches(1)[0])
+    s = mod.sample_pairs(batches(1)[0]["latents"], text, torch.Generator().manual_seed(0))
+    feats, grid = mod.next_features(s, mod.predict_velocity(s, text), text)
+    assert feats[0].shape == (2, grid[0] * grid[1] * grid[2], 48) and feats[0].abs().max() < 1e-6
+    real, _ = mod.next_features(s, s["target"], text)
+    assert real[0].abs().max() > 1e-3
+    d0 = [p.detach().clone() for p in mod.discriminator.parameters()]
+    fit(mod, 4)  # 2 MSE batches, then 2 GAN batches
+    assert any(not torch.equal(a, b) for a, b in zip(d0, mod.discriminator.parameters()))
+    g_loss = hinge_g_loss(mod.discriminator(*mod.next_features(s, mod.predict_velocity(s, text), text)))
+    (grad,) = torch.autograd.grad(g_loss, mod.predictor.out_proj.weight)
+    assert grad.abs().max() > 0  # the adversarial term reaches the predictor
+
+
+def test_discriminator_gain_scales_its_input():
+    from models.discriminator import Discriminator
+
+    torch.manual_seed(0)
+    d1 = Discriminator(8, 1, channels=4).eval()
+    d10 = Discriminator(8, 1, channels=4, gain=10.0).eval()
+    d10.load_state_dict(d1.state_dict())
+    x = features(n=2)
+    torch.testing.assert_close(d10(x, GRID), d1([10 * x[0]], GRID))
+    with pytest.raises(ValueError, match="gain must be > 0, got 0"):
+        Discriminator(8, 1, gain=0.0)
+
+
+def test_cached_sample_error_of_an_untrained_predictor_is_the_reuse():
+    model = tiny_model()
+    pred = Predictor(model, **PREDICTOR_PRESETS["tiny"])  # zero correction: head(C, vec) = the reuse
+    err = gd.cached_sample_error(model, pred, batches(1), num_steps=10, interval=4)
+    assert err["sample_mse_reuse"] > 0
+    assert err["sample_mse_predictor"] == pytest.approx(err["sample_mse_reuse"], rel=1e-4)

@@ -114,7 +114,7 @@ def d_inputs(module: PredictorGANModule, s: dict, u: Tensor, view: str) -> tuple
         x0 = s["x_tp"] - expand_time(s["tp"], u) * u
         zero = torch.zeros_like(s["tp"])
         return dit_features(module.model, x0, zero, s["text"], zero, s["g"], module.feature_layers)
-    if view == "residual":
+    if view == "residual":  # = PredictorGANModule.next_features with discriminator input 'residual'
         grid = embed_tokens(module.model, s["x_tp"], s["text"], s["tp"]).grid
         return [patchify(u - s["reuse"], grid)], grid
     raise ValueError(f"view {view!r} not in {VIEWS}")

@@ -125,6 +125,7 @@ def test_residual_discriminator_input_option():
     assert feats[0].shape == (2, grid[0] * grid[1] * grid[2], 48) and feats[0].abs().max() < 1e-6
     real, _ = mod.next_features(s, s["target"], text)
     assert real[0].abs().max() > 1e-3
+    torch.testing.assert_close(gd.d_inputs(mod, {**s, "text": text}, s["target"], "residual")[0][0], real[0])
     d0 = [p.detach().clone() for p in mod.discriminator.parameters()]
     fit(mod, 4)  # 2 MSE batches, then 2 GAN batches
     assert any(not torch.equal(a, b) for a, b in zip(d0, mod.discriminator.parameters()))

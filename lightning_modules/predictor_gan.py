@@ -46,11 +46,13 @@ from lightning_modules.common import (check_guidance_range, deepspeed_gradient_c
 from losses.flow import expand_time, interpolate
 from losses.gan import discriminator_accuracy, hinge_d_loss, hinge_g_loss, prediction_mse, predictor_loss
 from losses.meanflow import check_restrict, sample_t_r
-from models.discriminator import Discriminator, dit_features
-from models.predictor import Predictor, ReusePredictor, parameter_count, parameter_share, save_predictor
+from models.discriminator import Discriminator, dit_features, patchify, token_channels
+from models.predictor import (Predictor, ReusePredictor, embed_tokens, parameter_count, parameter_share,
+                              save_predictor)
 from models.protocol import TextCond
 
 STEP_MSE, STEP_GAN = 0, 1
+D_INPUTS = ("x_next", "residual")  # what D sees of a velocity u (see `next_features`)
 
 
 class ReplicatedOptimizer:
@@ -92,7 +94,11 @@ class PredictorGANModule(L.LightningModule):
             model: the frozen stage-2 (Restricted MeanFlow) model M, also the feature extractor F.
             predictor: kwargs of models.predictor.Predictor (hidden_size, num_blocks, mlp_ratio, num_heads,
                 cache_residual).
-            discriminator: {feature_layers: [block indices of M], scales: [1, 2], channels: 64}.
+            discriminator: {feature_layers: [block indices of M], scales: [1, 2], channels: 64, gain: 1.0,
+                input: 'x_next'}. gain multiplies D's input (models.discriminator.Discriminator).
+                input 'x_next' (default, the paper): D on M's features of x_t''; 'residual': D on the
+                correction u - head(C, vec) over the training-free reuse, patchified, without M's
+                features (feature_layers unused; BENCHMARKS.md "GAN diagnosis" for why).
             delta_max: largest step Delta between the cached and the predicted time, in [0, 1].
             restrict: R, the largest interval t - r (as in stage 2).
             guidance_min: smallest distilled CFG scale g drawn (ignored without a guidance input).
@@ -125,12 +131,16 @@ class PredictorGANModule(L.LightningModule):
         self.model = freeze(model)
         self.predictor = Predictor(model, **(predictor or {}))
         d_cfg = dict(discriminator or {})
+        self.d_input = d_cfg.pop("input", "x_next")
+        if self.d_input not in D_INPUTS:
+            raise ValueError(f"discriminator input {self.d_input!r} not in {D_INPUTS}")
         layers = sorted(int(i) for i in d_cfg.pop("feature_layers", [model.num_blocks - 1]))
         if not layers or layers[0] < 0 or layers[-1] >= model.num_blocks or len(set(layers)) != len(layers):
             raise ValueError(f"discriminator feature_layers {layers} must be distinct blocks of M, in "
                              f"[0, {model.num_blocks})")
         self.feature_layers = layers
-        self.discriminator = Discriminator(model.hidden_size, len(layers), **d_cfg)
+        width, count = (token_channels(model), 1) if self.d_input == "residual" else (model.hidden_size, len(layers))
+        self.discriminator = Discriminator(width, count, **d_cfg)
         self.batches_seen = 0
 
     # --- sharding (FSDP2: the frozen DiT per block + root, P and D as one unit each) ----------------
@@ -187,14 +197,21 @@ class PredictorGANModule(L.LightningModule):
         x_t, x_tp = interpolate(x0, eps, t), interpolate(x0, eps, tp)  # the SAME (x0, eps) pair
         cache = self.model.run(x_t, t, text, r, g, return_hidden=True).hidden.detach()
         target = self.model.run(x_tp, tp, text, rp, g).velocity
-        return dict(t=t, r=r, tp=tp, rp=rp, g=g, x_tp=x_tp, cache=cache, target=target)
+        s = dict(t=t, r=r, tp=tp, rp=rp, g=g, x_tp=x_tp, cache=cache, target=target)
+        if self.d_input == "residual":  # the reuse head(C, vec(t', r')) that real and fake corrections start from
+            s["reuse"] = self.predict_velocity(s, text, ReusePredictor())
+            s["grid"] = embed_tokens(self.model, x_tp, text, tp).grid
+        return s
 
     def predict_velocity(self, s: dict, text: TextCond, predictor: nn.Module | None = None) -> Tensor:
         predictor = self.predictor if predictor is None else predictor
         return predictor(self.model, s["x_tp"], s["tp"], s["rp"], text, s["cache"], s["g"])
 
     def next_features(self, s: dict, u: Tensor, text: TextCond) -> tuple[list[Tensor], tuple[int, int, int]]:
-        """F(x_t'') with x_t'' = x_t' - (t' - r') u at (t'', r'') = (r', r' - (t' - r')) (Algorithm 3 lines 9-11)."""
+        """D's input for velocity u: 'x_next', F(x_t'') with x_t'' = x_t' - (t' - r') u at
+        (t'', r'') = (r', r' - (t' - r')) (Algorithm 3 lines 9-11); 'residual', u - head(C, vec) as tokens."""
+        if self.d_input == "residual":
+            return [patchify(u - s["reuse"], s["grid"])], s["grid"]
         tp, rp = s["tp"], s["rp"]
         x_next = s["x_tp"] - expand_time(tp - rp, u) * u
         return dit_features(self.model, x_next, rp, text, (rp - (tp - rp)).clamp(min=0), s["g"], self.feature_layers)

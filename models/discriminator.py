@@ -35,6 +35,25 @@ def dit_features(backbone: nn.Module, x: Tensor, t: Tensor, text: TextCond, r: T
     return features, tokens.grid
 
 
+def patchify(x: Tensor, grid: tuple[int, int, int]) -> Tensor:
+    """(B, C, F, H, W) latent -> (B, F'H'W', C pt ph pw) tokens on the backbone's patch grid."""
+    f, h, w = grid
+    if x.shape[2] % f or x.shape[3] % h or x.shape[4] % w:
+        raise ValueError(f"latent size {tuple(x.shape[2:])} is not a multiple of the patch grid {grid}")
+    return rearrange(x, "b c (f pt) (h ph) (w pw) -> b (f h w) (c pt ph pw)", f=f, h=h, w=w,
+                     pt=x.shape[2] // f, ph=x.shape[3] // h, pw=x.shape[4] // w)
+
+
+def token_channels(backbone: nn.Module) -> int:
+    """Latent values per image token, C * pt * ph * pw: the width of a patchified latent."""
+    cfg = backbone.config
+    if "patch_size" in cfg and "in_channels" in cfg:  # the built-in MMDiT
+        patch, channels = cfg["patch_size"], cfg["in_channels"]
+    else:  # the diffusers adapters expose them as properties
+        patch, channels = backbone.patch_size, backbone.in_channels
+    return int(channels) * math.prod(int(p) for p in patch)
+
+
 class DiscriminatorHead(nn.Module):
     """(B, C, F', H', W') features -> (B, positions) logits at one spatial scale."""
 
@@ -57,7 +76,10 @@ class DiscriminatorHead(nn.Module):
 class Discriminator(nn.Module):
     """D over `num_features` feature maps of width `in_dim`, one head per (feature, scale)."""
 
-    def __init__(self, in_dim: int, num_features: int, scales: Sequence[int] = (1, 2), channels: int = 64):
+    def __init__(self, in_dim: int, num_features: int, scales: Sequence[int] = (1, 2), channels: int = 64,
+                 gain: float = 1.0):
+        """`gain` multiplies D's input: spectral norm bounds each head's Lipschitz constant, so a D on small
+        inputs cannot reach the hinge margin (logits of +-1) however it trains; gain raises that bound."""
         super().__init__()
         if num_features < 1:
             raise ValueError(f"the discriminator needs at least one feature layer, got {num_features}")
@@ -65,7 +87,9 @@ class Discriminator(nn.Module):
             raise ValueError(f"discriminator scales must be integers >= 1, got {list(scales)}")
         if channels < 1:
             raise ValueError(f"discriminator channels must be positive, got {channels}")
-        self.num_features, self.scales = num_features, tuple(int(s) for s in scales)
+        if not gain > 0:
+            raise ValueError(f"discriminator gain must be > 0, got {gain}")
+        self.num_features, self.scales, self.gain = num_features, tuple(int(s) for s in scales), float(gain)
         self.heads = nn.ModuleList(DiscriminatorHead(in_dim, channels, s)
                                    for _ in range(num_features) for s in self.scales)
 
@@ -77,6 +101,8 @@ class Discriminator(nn.Module):
         logits = []
         for i, feat in enumerate(features):
             maps = rearrange(feat.to(dtype), "b (f h w) c -> b c f h w", f=f, h=h, w=w)
+            if self.gain != 1:
+                maps = self.gain * maps
             for j in range(len(self.scales)):
                 logits.append(self.heads[i * len(self.scales) + j](maps))
         return torch.cat(logits, dim=1)  # (B, M)

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from datamodules import moving_digits as world
 from datamodules.text_encoder import ENCODER_NAME, MAX_LENGTH, NULL_PROMPT, TextEncoder
-from models.io import atomic_write
+from models.io import atomic_write, atomic_write_json
 
 FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
@@ -56,8 +56,6 @@ def _atomic_save_tensors(tensors: dict[str, Tensor], path: Path) -> None:
     atomic_write(path, save({k: v.contiguous() for k, v in tensors.items()}))
 
 
-def _atomic_write_json(obj, path: Path) -> None:
-    atomic_write(path, json.dumps(obj, indent=1).encode())
 
 
 def _file_entry(path: Path) -> dict:
@@ -74,7 +72,7 @@ def _write_split(out: Path, split: str, chunks: Iterable[Chunk], encoder: TextEn
         shard = out / f"{split}-{i:05d}.safetensors"
         prompt_file = out / f"{split}-{i:05d}.json"
         _atomic_save_tensors(tensors, shard)
-        _atomic_write_json(prompts, prompt_file)
+        atomic_write_json(prompt_file, prompts, indent=1)
         shards.append({**_file_entry(shard), "num_samples": len(prompts), "prompts": _file_entry(prompt_file)})
         total += len(prompts)
     return {"num_samples": total, "shards": shards}
@@ -101,7 +99,7 @@ def _finish(out: Path, splits: dict, latent_shape: tuple[int, ...], encoder: Tex
         "source": source,
         "seed": seed,
     }
-    _atomic_write_json(metadata, out / METADATA_FILE)
+    atomic_write_json(out / METADATA_FILE, metadata, indent=1)
     return metadata
 
 

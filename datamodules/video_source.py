@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datamodules.shards import (LABEL_KEYS, METADATA_FILE, MISSING_LABEL, VIDEO_PROMPTS_FILE, _atomic_save_tensors,
-                                _atomic_write_json, _file_entry, _finish)
+                                _file_entry, _finish)
+from models.io import atomic_write_json
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".gif")
 PROGRESS_FILE = "progress.json"
@@ -299,12 +300,12 @@ def prepare_from_pipeline(out: str | Path, video_dir: str | Path, pipeline: str 
             tensors = {"latents": latents, "text_tokens": tokens, "text_mask": mask, "pooled": pooled}
             tensors.update({k: torch.full((len(part),), MISSING_LABEL, dtype=torch.long) for k in LABEL_KEYS})
             _atomic_save_tensors(tensors, out / f"{name}.safetensors")
-            _atomic_write_json(texts, out / f"{name}.json")
+            atomic_write_json(out / f"{name}.json", texts, indent=1)
             shard = {**_file_entry(out / f"{name}.safetensors"), "num_samples": len(part),
                      "prompts": _file_entry(out / f"{name}.json")}
             shards.append(shard)
             done[name] = {"fingerprint": fp, "shard": shard}
-            _atomic_write_json(done, progress_path)
+            atomic_write_json(progress_path, done, indent=1)
         splits[split] = {"num_samples": len(idx), "shards": shards}
     from safetensors import safe_open
 

@@ -24,7 +24,7 @@ from torch import nn
 
 from datamodules.video_source import PIPELINES, pipeline_class
 from datamodules.video_source import torch_dtype as _to_dtype
-from models.io import _file_mode
+from models.io import file_mode
 
 EMBEDDERS_FILE = "disca_embedders.safetensors"
 DISCA_FILE = "disca.json"  # which adapter, r / guidance embedders, the embedder weights file
@@ -62,7 +62,7 @@ def export_diffusers(backbone: nn.Module, directory: str | os.PathLike) -> Path:
     out = Path(directory)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    os.chmod(tmp, _file_mode() | 0o111)  # a normal directory (mkdtemp makes it 0700)
+    os.chmod(tmp, file_mode() | 0o111)  # a normal directory (mkdtemp makes it 0700)
     try:
         backbone.model.save_pretrained(str(tmp), safe_serialization=True)
         extra = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()

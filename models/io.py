@@ -53,7 +53,7 @@ def build_backbone(config: dict) -> nn.Module:
     return BACKBONE_BUILDERS[kind](cfg)
 
 
-def _file_mode() -> int:
+def file_mode() -> int:
     """0o666 minus the process umask: what `open()` would give a new file (exports, checkpoints and
     shards are meant to be shared; `mkstemp` alone would leave them 0600)."""
     mask = os.umask(0)
@@ -94,7 +94,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), _file_mode())
+            os.fchmod(f.fileno(), file_mode())
             if callable(data):
                 data(f)
             else:
@@ -109,8 +109,8 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
     return path
 
 
-def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2, default=list).encode())
+def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> Path:
+    return atomic_write(path, json.dumps(obj, indent=indent, default=list).encode())
 
 
 def save_module(module: nn.Module, directory: str | os.PathLike, config: dict,

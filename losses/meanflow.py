@@ -24,12 +24,14 @@ Times t, r are float32 (B,) throughout; tensors are (B, ...) with any trailing s
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from losses.flow import expand_time, sample_time
+from models.jvp import jvp_rules
 
 
 T_R_SAMPLERS = ("restricted", "meanflow")
@@ -97,7 +99,8 @@ JVP_METHODS = ("forward_ad", "func", "finite_difference")
 
 
 def meanflow_dudt(u_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, r: Tensor, t: Tensor,
-                  v: Tensor, method: str = "func", fd_eps: float = 2.0 ** -12) -> tuple[Tensor, Tensor]:
+                  v: Tensor, method: str = "func", fd_eps: float = 2.0 ** -12,
+                  explicit_rules: bool = True) -> tuple[Tensor, Tensor]:
     """(u, du/dt) with du/dt = v d_x u + d_t u: the JVP of u_fn(x, r, t) along the tangent (v, 0, 1)
     (MeanFlow Eq. 8). Call under `torch.no_grad()` when only du/dt is needed: the target is
     stop-gradient anyway, and the no-grad JVP costs no more memory than a forward.
@@ -105,7 +108,9 @@ def meanflow_dudt(u_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, r
     `method`: 'func' = `torch.func.jvp` (a functional transform: `u_fn` must be a plain function of its
     tensors, not a DDP/FSDP wrapper, and it does not run under DeepSpeed ZeRO-3); 'forward_ad' =
     `torch.autograd.forward_ad` dual tensors through an ordinary forward, so sharding hooks (FSDP2,
-    ZeRO-3) gather each block as in a normal forward (SPEC §9.1); 'finite_difference' = central
+    ZeRO-3) gather each block as in a normal forward (SPEC §9.1), with `explicit_rules` (default) the
+    linear layers and fused attention take the cheaper explicit tangent rules of `models.jvp` under
+    no_grad (fused SDPA then works inside the JVP); 'finite_difference' = central
     difference with step `fd_eps` along (v, 0, 1), 2 forwards (its u is their mean, exact to O(eps^2)),
     a float32 cross-check only (SPEC §4)."""
     if t.dtype != torch.float32 or r.dtype != torch.float32:
@@ -116,7 +121,7 @@ def meanflow_dudt(u_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, r
     if method == "forward_ad":
         import torch.autograd.forward_ad as fwAD
 
-        with fwAD.dual_level():
+        with fwAD.dual_level(), (jvp_rules() if explicit_rules else nullcontext()):
             out = u_fn(fwAD.make_dual(x, tangent_x), r, fwAD.make_dual(t, tangent_t))
             u, dudt = fwAD.unpack_dual(out)
         if dudt is None:  # the output does not depend on (x, t): a zero tangent

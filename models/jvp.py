@@ -60,20 +60,20 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Tensor
     outs, tangents = [], []
     for start in range(0, n_q, rows):
         sl = slice(start, start + rows)
-        qb = q[..., sl, :]
-        scores = (qb @ kt) * scale
+        qb = q[..., sl, :] * scale                                     # scale the (rows x D) side, not the scores
+        scores = qb @ kt
         m = None if mask is None else mask[..., sl, :] if mask.shape[-2] == n_q else mask
         if m is not None:
-            scores = scores.masked_fill(~m, torch.finfo(scores.dtype).min) if m.dtype == torch.bool else scores + m
+            scores = scores.masked_fill_(~m, torch.finfo(scores.dtype).min) if m.dtype == torch.bool else scores.add_(m)
         p = scores.softmax(dim=-1)
         outs.append(p @ v)
-        ds = None if dq is None else dq[..., sl, :] @ kt
+        ds = None if dq is None else (dq[..., sl, :] * scale) @ kt
         if dkt is not None:
             ds = qb @ dkt if ds is None else ds.add_(qb @ dkt)
         tangent = torch.zeros_like(outs[-1])
         if ds is not None:
-            pds = ds.mul_(scale).mul_(p)                               # P * dS
-            dp = pds.sub_(p * pds.sum(-1, keepdim=True))               # P * (dS - rowsum(P * dS))
+            pds = ds.mul_(p)                                           # P * dS
+            dp = pds.addcmul_(p, pds.sum(-1, keepdim=True), value=-1)  # P * (dS - rowsum(P * dS))
             tangent = dp @ v
         if dv is not None:
             tangent = tangent.add_(p @ dv)
@@ -89,10 +89,13 @@ def _sdpa_args(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return query, key, value, attn_mask, scale, bool(dropout_p or is_causal or enable_gqa)
 
 
+_RULES = (F.linear, F.scaled_dot_product_attention)
+
+
 class _JVPRules(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if torch.is_grad_enabled() or func not in (F.linear, F.scaled_dot_product_attention):
+        if func not in _RULES or torch.is_grad_enabled():
             return func(*args, **kwargs)
         if func is F.linear:
             (x, dx), (w, dw), (b, db) = map(_split, _linear_args(*args, **kwargs))

@@ -17,8 +17,13 @@ Counting: with two optimizers in manual mode Lightning's `global_step` counts ev
 (1 per warm-up batch, 2 per GAN batch), so warm-up is counted in batches by this module's own
 counter (`batches_seen`, saved in checkpoints). The paper's 500 + 1000 iterations are
 `trainer.max_steps = 500 + 2 * 1000`. For the same reason checkpoints are taken every N batches
-(`callbacks.checkpointing.BatchCheckpoint`), and times and noise are drawn from a generator keyed by
-(seed, batch, rank), so a killed and resumed run continues the uninterrupted one exactly.
+(`callbacks.checkpointing.BatchCheckpoint`), and each sample's times, guidance and noise are drawn from its
+own generator keyed by (seed, batch, position in the global batch) (`sample_generators`), so a killed and
+resumed run continues the uninterrupted one exactly, and one process holding the whole global batch draws
+what the ranks draw: its losses (means over the batch) are the mean of the ranks' and its weights theirs
+(the ranks average D's and P's gradients), the 1-process twin of `tests/test_strategy_presets.py`. Manual
+optimization has no gradient accumulation (a GAN batch's P step needs D's step on the whole batch first), so
+the twin holds the global batch at once rather than accumulating micro-batches.
 DDP: the D step leaves P's parameters unused and vice versa: use `trainer.strategy:
 ddp_find_unused_parameters_true` (= DDPStrategy(find_unused_parameters=True); SPEC §8).
 Strategy presets: `configs/strategy/ddp.yaml` (find_unused_parameters); `fsdp2.yaml` (the frozen DiT per block
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Sequence
 
 import lightning as L
 import torch
@@ -41,8 +47,8 @@ from torch import Tensor, nn
 from datamodules.latent_video import batch_text
 from distributed.strategies import check_stage_host
 from lightning_modules.common import (check_guidance_range, deepspeed_gradient_clipping, finite_or_raise, freeze,
-                                      gathered_state_dict, is_deepspeed, sample_guidance, shard_generator,
-                                      shard_modules)
+                                      gathered_state_dict, is_deepspeed, sample_guidance, shard_modules,
+                                      step_generator)
 from losses.flow import expand_time, interpolate
 from losses.gan import discriminator_accuracy, hinge_d_loss, hinge_g_loss, prediction_mse, predictor_loss
 from losses.meanflow import check_restrict, sample_t_r
@@ -53,6 +59,17 @@ from models.protocol import TextCond
 
 STEP_MSE, STEP_GAN = 0, 1
 D_INPUTS = ("x_next", "residual")  # what D sees of a velocity u (see `next_features`)
+
+
+def sample_generators(module: L.LightningModule, seed: int, batch: int, size: int) -> list[torch.Generator]:
+    """One generator per sample of this rank's `size`-sample slice of training batch `batch`, keyed by
+    (seed, batch, position in the global batch = rank * size + i): world_size ranks with `size` samples each
+    draw exactly what one process with the global batch of world_size * size draws (the data samplers give
+    rank k positions k, k + world_size, ... of one order, so with a per-rank batch of 1 rank k holds the
+    1-process batch's sample k)."""
+    trainer = module.trainer
+    first = (batch * trainer.world_size + trainer.global_rank) * size
+    return [step_generator(seed, first + i, module.device) for i in range(size)]
 
 
 class ReplicatedOptimizer:
@@ -86,8 +103,8 @@ class PredictorGANModule(L.LightningModule):
                  time_distribution: str = "uniform", time_mean: float = 0.0, time_std: float = 1.0,
                  time_shift: float = 1.0, mse_warmup_steps: int = 500, lr_p: float = 1e-4, lr_d: float = 1e-2,
                  lam: float = 1.0, betas_p: tuple[float, float] = (0.9, 0.999),
-                 betas_d: tuple[float, float] = (0.5, 0.999), grad_clip: float = 1.0, seed: int = 0,
-                 activation_checkpointing: bool = False):
+                 betas_d: tuple[float, float] = (0.5, 0.999), eps_d: float = 1e-8, grad_clip: float = 1.0,
+                 seed: int = 0, activation_checkpointing: bool = False):
         """Stage 3: predictor P + discriminator D on the frozen stage-2 model M.
 
         Args:
@@ -113,8 +130,13 @@ class PredictorGANModule(L.LightningModule):
             lam: weight of the adversarial term in Eq. 8 (0 = the no-GAN ablation).
             betas_p: Adam betas of the predictor.
             betas_d: Adam betas of the discriminator.
+            eps_d: Adam epsilon of the discriminator. Adam's first step moves each weight by lr_d * g / (|g| + eps):
+                where D's hinge gradient (a difference of near-equal real and fake terms) is near 0, float32
+                rounding of g decides the step; a larger eps makes the step a smooth function of g (the
+                1-process twin in `tests/test_strategy_presets.py` uses 1e-2 to compare D's weights tightly).
             grad_clip: predictor gradient-norm clipping threshold (0 = off).
-            seed: keys the per-batch time/noise generator (seed, batch, rank), so resumes are exact.
+            seed: keys each sample's time/noise generator (seed, batch, position in the global batch), so resumes
+                are exact and one process with the global batch draws what the ranks draw.
             activation_checkpointing: recompute each block of the frozen DiT in the backward pass.
         """
         super().__init__()
@@ -127,6 +149,8 @@ class PredictorGANModule(L.LightningModule):
             raise ValueError(f"mse_warmup_steps must be >= 0, got {mse_warmup_steps}")
         if lam < 0:
             raise ValueError(f"lam must be >= 0, got {lam}")
+        if not eps_d > 0:
+            raise ValueError(f"eps_d (Adam epsilon of the discriminator) must be > 0, got {eps_d}")
         self.automatic_optimization = False
         self.model = freeze(model)
         self.predictor = Predictor(model, **(predictor or {}))
@@ -177,6 +201,15 @@ class PredictorGANModule(L.LightningModule):
             self.discriminator.load_state_dict(checkpoint["predictor_gan_discriminator"])
             self.replicated_opt_d.optimizer.load_state_dict(checkpoint["predictor_gan_opt_d"])
 
+    def on_train_start(self) -> None:
+        """Torch's distributed-checkpoint loader (FSDP2 resumes) fills an optimizer that has no state with a
+        zero-gradient step (`torch.distributed.checkpoint.state_dict._init_optim_state`), leaving Adam at step
+        1: resumed before D's first step, every later D step would be bias-corrected as one step later than
+        in the uninterrupted run. D has no state before its first GAN batch: drop that filler."""
+        hp = self.hparams
+        if not (hp.lam > 0 and self.batches_seen > hp.mse_warmup_steps):
+            self.stage_optimizers()[1].optimizer.state.clear()
+
     def on_fit_start(self) -> None:
         share = parameter_share(self.predictor, self.model)
         self.print(f"predictor: {parameter_count(self.predictor):,} parameters = "
@@ -184,16 +217,27 @@ class PredictorGANModule(L.LightningModule):
 
     # --- Algorithm 3, lines 2-8 -------------------------------------------------------------------
     @torch.no_grad()
-    def sample_pairs(self, x0: Tensor, text: TextCond, generator: torch.Generator | None = None) -> dict:
-        """Times, the shared noisy inputs, the cache and the target for one batch (all without grad)."""
+    def sample_pairs(self, x0: Tensor, text: TextCond,
+                     generator: torch.Generator | Sequence[torch.Generator] | None = None) -> dict:
+        """Times, the shared noisy inputs, the cache and the target for one batch (all without grad).
+        `generator`: one for the whole batch, or one per sample (`sample_generators`: each sample's draws
+        then depend on its own key only, not on how many samples share the batch)."""
         hp = self.hparams
         b, dev = x0.shape[0], x0.device
-        t, r = sample_t_r(b, hp.restrict, distribution=hp.time_distribution, mean=hp.time_mean, std=hp.time_std,
-                          shift=hp.time_shift, generator=generator, device=dev)  # (B,) float32
-        delta = hp.delta_max * torch.rand(b, generator=generator, device=dev)
+        single = generator is None or isinstance(generator, torch.Generator)
+        generators = [generator] if single else list(generator)
+        if not single and len(generators) != b:
+            raise ValueError(f"sample_pairs needs one generator or one per sample ({b}), got {len(generators)}")
+        draws = []
+        for gen, x in zip(generators, x0.split(b if single else 1)):
+            n = x.shape[0]
+            t, r = sample_t_r(n, hp.restrict, distribution=hp.time_distribution, mean=hp.time_mean,
+                              std=hp.time_std, shift=hp.time_shift, generator=gen, device=dev)  # (n,) float32
+            delta = hp.delta_max * torch.rand(n, generator=gen, device=dev)
+            g = sample_guidance(n, hp.guidance_min, hp.guidance_max, generator=gen, device=dev)
+            draws.append((t, r, delta, g, torch.randn(x.shape, generator=gen, device=dev, dtype=x.dtype)))
+        t, r, delta, g, eps = (torch.cat(d) for d in zip(*draws))
         tp, rp = (t - delta).clamp(min=0), (r - delta).clamp(min=0)
-        g = sample_guidance(b, hp.guidance_min, hp.guidance_max, generator=generator, device=dev)
-        eps = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
         x_t, x_tp = interpolate(x0, eps, t), interpolate(x0, eps, tp)  # the SAME (x0, eps) pair
         cache = self.model.run(x_t, t, text, r, g, return_hidden=True).hidden.detach()
         target = self.model.run(x_tp, tp, text, rp, g).velocity
@@ -221,8 +265,10 @@ class PredictorGANModule(L.LightningModule):
         opt_p, opt_d = self.stage_optimizers()
         hp = self.hparams
         text = batch_text(batch)
-        # keyed by (seed, batch, rank): a resumed run redraws exactly the uninterrupted run's times and noise
-        s = self.sample_pairs(batch["latents"], text, shard_generator(self, hp.seed, batch_idx, self.batches_seen))
+        # keyed per sample by (seed, batch, position in the global batch): a resumed run redraws exactly the
+        # uninterrupted run's times and noise, and one process with the global batch draws what the ranks draw
+        gens = sample_generators(self, hp.seed, self.batches_seen, batch["latents"].shape[0])
+        s = self.sample_pairs(batch["latents"], text, gens)
         gan = hp.lam > 0 and self.batches_seen >= hp.mse_warmup_steps
         u = self.predict_velocity(s, text)  # (B, C, F, H, W), with grad
         logs = {"train/step_kind": float(STEP_GAN if gan else STEP_MSE)}
@@ -276,7 +322,7 @@ class PredictorGANModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         opt_p = torch.optim.Adam(self.predictor.parameters(), lr=hp.lr_p, betas=tuple(hp.betas_p))
-        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=tuple(hp.betas_d))
+        opt_d = torch.optim.Adam(self.discriminator.parameters(), lr=hp.lr_d, betas=tuple(hp.betas_d), eps=hp.eps_d)
         if is_deepspeed(self):  # the engine takes P's optimizer; D's stays outside ZeRO (see the module docstring)
             self.replicated_opt_d = ReplicatedOptimizer(opt_d, on_step=self.count_optimizer_step)
             return opt_p

@@ -218,6 +218,26 @@ def test_batch_counter_survives_checkpoints_and_validation_compares_to_reuse(tmp
     assert fresh.batches_seen == 3
 
 
+def test_per_sample_generators_draw_the_same_in_any_batch_split():
+    """With one generator per sample (stage 3's training draws) a batch of 2 draws what two batches of 1
+    draw, cache and target included: what makes one process with the global batch the twin of 2 ranks."""
+    from datamodules.latent_video import batch_text
+
+    mod = module()
+    batch = batches(1)[0]
+
+    def pairs(rows: slice, seeds: list[int]) -> dict:
+        part = {k: v[rows] for k, v in batch.items()}
+        return mod.sample_pairs(part["latents"], batch_text(part), [torch.Generator().manual_seed(s) for s in seeds])
+
+    whole, first, second = pairs(slice(0, 2), [7, 8]), pairs(slice(0, 1), [7]), pairs(slice(1, 2), [8])
+    for key in ("t", "r", "tp", "rp", "g", "x_tp", "cache", "target"):
+        torch.testing.assert_close(whole[key], torch.cat([first[key], second[key]]), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(whole["t"][0], whole["t"][1])  # the samples' own keys, not one shared draw
+    with pytest.raises(ValueError, match="one per sample"):
+        pairs(slice(0, 2), [7])
+
+
 def test_export_is_predictor_only_and_reloads(tmp_path):
     mod = module()
     for p in mod.predictor.parameters():
@@ -241,6 +261,8 @@ def test_bad_arguments_fail_clearly():
         module(guidance_min=4.0, guidance_max=1.0)
     with pytest.raises(ValueError, match="delta_max"):
         module(delta_max=2.0)
+    with pytest.raises(ValueError, match="eps_d"):
+        module(eps_d=0.0)
 
 
 # --- the shipped configs, through train.main ----------------------------------------------------------

@@ -5,10 +5,13 @@ per stage x preset serves all of its checks:
 
 - it trains, checkpoints, and resumes to the same step;
 - its export is an ordinary safetensors directory that `load_backbone` / `load_predictor` loads;
-- its per-batch losses equal the 1-process run of the same global batch (2 micro-batches of 1, gradient
-  accumulation; `shard_generator` makes micro-batch k draw what rank k draws), and so do the exported
-  weights: the sharded math (FSDP2 / ZeRO-3 gathering, the stage-2 forward-AD JVP through sharded
-  blocks, the EMA on shards, clipping) is the unsharded math;
+- its per-batch losses equal the 1-process run of the same global batch (stages 0-2: 2 micro-batches of 1,
+  gradient accumulation; `shard_generator` makes micro-batch k draw what rank k draws; stage 3, whose manual
+  optimization does not accumulate: one batch of 2, `sample_generators` keying each sample's draws by its
+  position in the global batch, every logged `train/` scalar the mean of the ranks'), and so do the exported
+  weights (stage 3: the predictor and the discriminator): the sharded math (FSDP2 / ZeRO-3 gathering, the
+  stage-2 forward-AD JVP through sharded blocks, the EMA on shards, clipping, D's and P's gradient averaging)
+  is the unsharded math;
 - every large network is partitioned: each rank holds about half of its parameter elements, and the
   memory planner's per-rank parameter and optimizer elements are what the rank holds;
 - the 2-process runs checkpoint activations per block (`activation_checkpointing: true`), the 1-process
@@ -27,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from distributed.planner import plan_stage, stage_of_config
 from models.io import load_backbone
@@ -39,17 +43,22 @@ STAGES = {  # stage -> (smoke config, steps of the first run, steps after the re
     "restricted_meanflow": ("configs/smoke/restricted_meanflow.yaml", 2, 4),
     "predictor_gan": ("configs/smoke/predictor_gan.yaml", 3, 5),  # 3 MSE batches, then 1 GAN batch (D + P)
 }
+# stage 3: D's Adam epsilon well above the float32 rounding of its gradient (`eps_d`), so that D's first step
+# is a smooth function of the gradient and the twin's D weights can be compared at rtol 1e-4
+STAGE_ARGS = {"predictor_gan": ("--model.init_args.eps_d", "1e-2")}
 FROZEN = {"flow_matching": (), "cfg_distill": ("teacher",), "restricted_meanflow": ("teacher",),
           "predictor_gan": ("model",)}
 TIMEOUT = 240
 
 
-def train(tmp: Path, stage: str, *extra: str, devices: int = 1, resume: bool = False, steps: int) -> Path:
+def train(tmp: Path, stage: str, *extra: str, devices: int = 1, resume: bool = False, steps: int,
+          batch_size: int = 1) -> Path:
     config = STAGES[stage][0]
     probe = json.dumps({"class_path": "tests.dist_probe.Probe", "init_args": {"out_dir": str(tmp / "probe")}})
-    args = [sys.executable, "train.py", "--config", config, *extra, "--trainer.accelerator", "cpu",
+    args = [sys.executable, "train.py", "--config", config, *extra, *STAGE_ARGS.get(stage, ()),
+            "--trainer.accelerator", "cpu",
             "--trainer.devices", str(devices), "--trainer.default_root_dir", str(tmp),
-            "--data.init_args.data_dir", str(tmp.parent / "data"), "--data.init_args.batch_size", "1",
+            "--data.init_args.data_dir", str(tmp.parent / "data"), "--data.init_args.batch_size", str(batch_size),
             "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "1000",
             "--trainer.log_every_n_steps", "1", f"--trainer.callbacks+={probe}"]
     if resume:
@@ -89,16 +98,17 @@ def check_planner(stage: str, preset: str, measured: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> dict:
-    """1-process runs of the same global batch (2 micro-batches of 1), one per stage, built on demand, with
-    the same interruption: a run that reached max_steps counts its epoch as finished, so its resume starts
-    the next epoch's order (Lightning's semantics, identical for 1 and 2 processes)."""
+    """1-process runs of the same global batch (2 micro-batches of 1; stage 3: one batch of 2), one per stage,
+    built on demand, with the same interruption: a run that reached max_steps counts its epoch as finished,
+    so its resume starts the next epoch's order (Lightning's semantics, identical for 1 and 2 processes)."""
     root, cache = tmp_path_factory.mktemp("single"), {}
 
     def get(stage: str) -> Path:
         if stage not in cache:
-            acc = ("--trainer.accumulate_grad_batches", "2")
-            train(root / stage, stage, *acc, steps=STAGES[stage][1])
-            cache[stage] = train(root / stage, stage, *acc, steps=STAGES[stage][2], resume=True)
+            manual = stage == "predictor_gan"
+            acc, size = ((), 2) if manual else (("--trainer.accumulate_grad_batches", "2"), 1)
+            train(root / stage, stage, *acc, steps=STAGES[stage][1], batch_size=size)
+            cache[stage] = train(root / stage, stage, *acc, steps=STAGES[stage][2], resume=True, batch_size=size)
         return cache[stage]
     return get
 
@@ -131,19 +141,43 @@ def test_two_process_preset(stage: str, preset: str, tmp_path: Path, reference) 
     assert (export / "model.safetensors").is_file() and (export / "config.json").is_file()
     sharded_weights = load_export(stage, export)
 
-    if stage == "predictor_gan":  # manual optimization cannot accumulate micro-batches: no 1-process twin (README)
-        return
     single = reference(stage)
-    # micro-batch 2s + k; Lightning reports an accumulated micro-batch's loss divided by the accumulation (2)
-    ref = [2 * loss for tag in ("fresh", "resume") for _, _, loss in probe(single, tag, 0)["losses"]]
-    for rank in (0, 1):
-        losses = [loss for _, _, loss in probe(run, "fresh", rank)["losses"] + probe(run, "resume", rank)["losses"]]
-        assert len(losses) == total
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref[rank::2]), rtol=1e-4, atol=1e-6)
-    single_weights = load_export(stage, single / "export")
-    assert sharded_weights.keys() == single_weights.keys()
-    for name, value in single_weights.items():
-        torch.testing.assert_close(sharded_weights[name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    if stage == "predictor_gan":
+        check_stage3_twin(run, single)
+    else:  # micro-batch 2s + k; Lightning reports an accumulated micro-batch's loss divided by the accumulation (2)
+        ref = [2 * loss for tag in ("fresh", "resume") for _, _, loss in probe(single, tag, 0)["losses"]]
+        for rank in (0, 1):
+            losses = [loss for _, _, loss in probe(run, "fresh", rank)["losses"] + probe(run, "resume", rank)["losses"]]
+            assert len(losses) == total
+            torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref[rank::2]), rtol=1e-4, atol=1e-6)
+    assert_same_weights(sharded_weights, load_export(stage, single / "export"))
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def check_stage3_twin(run: Path, single: Path) -> None:
+    """Stage 3 against its 1-process twin (one batch of 2 = the ranks' batches of 1): per batch, the same
+    step and every logged `train/` scalar (L_P, mse, L_D, g_loss, D's logits and accuracy: means over the
+    batch) the mean of the two ranks'; the discriminator (not exported) the same weights, after the
+    twin's D step moved them."""
+    for tag in ("fresh", "resume"):
+        ref = probe(single, tag, 0)
+        ranks = [probe(run, tag, rank) for rank in (0, 1)]
+        assert [s for s, _, _ in ref["losses"]] == [s for s, _, _ in ranks[0]["losses"]]
+        assert len(ref["metrics"]) == len(ranks[0]["metrics"]) == len(ranks[1]["metrics"]) > 0
+        for j, expected in enumerate(ref["metrics"]):
+            assert expected.keys() == ranks[0]["metrics"][j].keys() == ranks[1]["metrics"][j].keys()
+            for key, value in expected.items():
+                mean = (ranks[0]["metrics"][j][key] + ranks[1]["metrics"][j][key]) / 2
+                torch.testing.assert_close(mean, value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{tag} {j} {key}: {m}")
+    assert "train/L_D" in ref["metrics"][-1]  # the twin's last batch is a GAN batch
+    d = {tag: load_file(single / "probe" / f"{tag}_discriminator.safetensors") for tag in ("fresh", "resume")}
+    assert any(not torch.equal(d["fresh"][k], v) for k, v in d["resume"].items() if k.endswith("original"))
+    assert_same_weights(load_file(run / "probe" / "resume_discriminator.safetensors"), d["resume"])
 
 
 @pytest.mark.parametrize("preset", ["fsdp2", "deepspeed_zero3"])

@@ -2,13 +2,14 @@
 
 2 CPU processes (gloo), FSDP2 through `lightning_modules.common.fully_shard_backbone`: every block of
 each adapter is its own FSDP unit, each rank holds about half of every block; `run` and its gradients
-equal the unsharded model's; stage 2's forward-AD JVP (math attention) through the sharded adapter equals
-the unsharded one; stage 3's predictor, which calls the frozen backbone's embedders, conditioning and head
-(Wan: also its shared block modulation), runs on it unchanged; at any moment of the forward and of the
-backward one block's weights at most are registered gathered besides the root's. DeepSpeed ZeRO-3 with
-the blocks as leaf modules: the same outputs, gradients and du/dt. 1 process: activation checkpointing
-per block gives the same gradients while keeping fewer tensors for backward; the block routing survives
-`copy.deepcopy` and leaves the state-dict keys and diffusers' own forward alone."""
+(also with per-block activation checkpointing) equal the unsharded model's; stage 2's forward-AD JVP
+(math attention) through the sharded adapter equals the unsharded one; stage 3's predictor, which calls
+the frozen backbone's embedders, conditioning and head (Wan: also its shared block modulation), runs on
+it unchanged; at any moment of the forward and of the backward one block's weights at most are
+registered gathered besides the root's. DeepSpeed ZeRO-3 with the blocks as leaf modules: the same
+outputs, gradients and du/dt. 1 process: activation checkpointing per block gives the same gradients
+while keeping fewer tensors for backward; the block routing survives `copy.deepcopy` and leaves the
+state-dict keys and diffusers' own forward alone."""
 from __future__ import annotations
 
 import copy
@@ -161,12 +162,15 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 out = run(model, inp)
             u, du = dudt(model, inp)
             loss, grads, gathered = loss_and_grads(model, inp)
+            ckpt_model = build(kind)
+            checkpoint_blocks(ckpt_model)  # as `shard_modules` does: checkpointing first, then the FSDP2 units
+            _, ckpt_grads, _ = loss_and_grads(fully_shard_backbone(ckpt_model, mesh), inp)
             results[kind] = dict(
                 n_blocks=len(blocks), units_are_blocks_and_root=(units == [model, *blocks]),
                 held=[(sum(local_numel(p) for p in b.parameters()), sum(full_numel(p) for p in b.parameters()))
                       for b in blocks],
                 out=(out, ref_out), u=(u, ref_u), dudt=(du, ref_dudt), loss=(loss, ref_loss),
-                grads=(grads, ref_grads), gathered=gathered, predictor=(predicted(model, pred, inp), ref_pred))
+                grads=(grads, ref_grads), ckpt_grads=(ckpt_grads, ref_grads), gathered=gathered, predictor=(predicted(model, pred, inp), ref_pred))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -197,10 +201,12 @@ def test_fsdp2_per_block_units_on_two_processes(tmp_path: Path):
                 got, want = r[key]
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} {key}: {m}")
             assert r["dudt"][1].abs().max() > 1e-2, where  # a non-trivial tangent
-            grads, ref = r["grads"]
-            assert grads.keys() == ref.keys()
-            for name, g in ref.items():
-                torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7, msg=lambda m: f"{where} {name}: {m}")
+            for key in ("grads", "ckpt_grads"):  # sharded; sharded with per-block activation checkpointing
+                grads, ref = r[key]
+                assert grads.keys() == ref.keys()
+                for name, g in ref.items():
+                    torch.testing.assert_close(grads[name], g, rtol=1e-5, atol=1e-7,
+                                               msg=lambda m: f"{where} {key} {name}: {m}")
             fwd = [n for n in r["gathered"] if n >= 0]
             bwd = [-n for n in r["gathered"] if n <= 0]
             assert fwd and bwd and max(fwd) == 1, (where, max(fwd))  # forward: one block at a time

@@ -148,7 +148,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             ref_model = build(kind)
             ref_out = run(ref_model, inp).detach()
             ref_u, ref_dudt = dudt(ref_model, inp)
-            ref_loss, ref_grads, _ = loss_and_grads(ref_model, inp)
+            ref_loss, ref_grads, ref_gathered = loss_and_grads(ref_model, inp)
 
             ref_pred = predicted(ref_model, predictor(ref_model), inp)
 
@@ -170,7 +170,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 held=[(sum(local_numel(p) for p in b.parameters()), sum(full_numel(p) for p in b.parameters()))
                       for b in blocks],
                 out=(out, ref_out), u=(u, ref_u), dudt=(du, ref_dudt), loss=(loss, ref_loss),
-                grads=(grads, ref_grads), ckpt_grads=(ckpt_grads, ref_grads), gathered=gathered, predictor=(predicted(model, pred, inp), ref_pred))
+                grads=(grads, ref_grads), ckpt_grads=(ckpt_grads, ref_grads), gathered=gathered, unsharded_gathered=max(ref_gathered), predictor=(predicted(model, pred, inp), ref_pred))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -209,6 +209,7 @@ def test_fsdp2_per_block_units_on_two_processes(tmp_path: Path):
                                                msg=lambda m: f"{where} {key} {name}: {m}")
             fwd = [n for n in r["gathered"] if n >= 0]
             bwd = [-n for n in r["gathered"] if n <= 0]
+            assert r["unsharded_gathered"] == r["n_blocks"], where  # the probe sees every block of an unsharded model
             assert fwd and bwd and max(fwd) == 1, (where, max(fwd))  # forward: one block at a time
             assert max(bwd) == 1, (where, max(bwd))  # backward too (a prefetched all-gather is not registered yet)
         held = [sum(h for h, _ in ranks[rank][kind]["held"]) for rank in range(WORLD)]

@@ -170,7 +170,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 held=[(sum(local_numel(p) for p in b.parameters()), sum(full_numel(p) for p in b.parameters()))
                       for b in blocks],
                 out=(out, ref_out), u=(u, ref_u), dudt=(du, ref_dudt), loss=(loss, ref_loss),
-                grads=(grads, ref_grads), ckpt_grads=(ckpt_grads, ref_grads), gathered=gathered, unsharded_gathered=max(ref_gathered), predictor=(predicted(model, pred, inp), ref_pred))
+                grads=(grads, ref_grads), ckpt_grads=(ckpt_grads, ref_grads), gathered=gathered,
+                unsharded_gathered=max(ref_gathered), predictor=(predicted(model, pred, inp), ref_pred))
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()

@@ -113,9 +113,9 @@ def check_zero_config_for_jvp(strategy: Strategy | None, needs_jvp: bool) -> Non
 def check_stage_host(stage: str, strategy: Strategy | None, backbone=None) -> None:
     """Fail before training when the strategy preset cannot run `stage` with this backbone, naming the
     preset and the fix. Stage 3's predictor calls the frozen DiT's `embed` / `condition` / `head` directly:
-    under FSDP2 these are gathered only for backbones sharded per block (root methods registered, see
-    `lightning_modules.common.fully_shard_backbone`); the diffusers adapters are sharded as one unit around
-    `run`, so stage 3 cannot use them under FSDP2."""
+    under FSDP2 these are gathered only for backbones sharded per block with their root methods
+    registered (`lightning_modules.common.fully_shard_backbone`), i.e. those with `shard_blocks()`: the
+    built-in MMDiT and the HunyuanVideo and Wan adapters; any other backbone is refused."""
     kind = strategy_kind(strategy)
     if stage == "predictor_gan" and kind == "fsdp2" and not hasattr(backbone, "shard_blocks"):
         raise ValueError(f"strategy {type(strategy).__name__} (configs/strategy/fsdp2.yaml) cannot host stage 3 with "

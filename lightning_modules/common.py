@@ -137,21 +137,24 @@ ROOT_METHODS = ("embed", "condition", "head")
 
 def fully_shard_backbone(module: nn.Module, mesh) -> nn.Module:
     """FSDP2-shard a backbone on `mesh` per transformer block plus the root. Each block is its own unit,
-    gathered around that block's `forward` and freed after it; the root unit holds the embedders and the
-    output head and is gathered around each of `embed`, `condition` and `head` (registered as FSDP
-    forward methods: the stages and the stage-3 predictor call these parts, never `forward`). Peak
-    memory is the root plus one block's full weights. Backbones list their blocks in `shard_blocks()`;
-    one without it (the diffusers adapters, which run their blocks outside the blocks' own `forward`)
-    is sharded as one unit gathered around `run`. A module that is already sharded is left alone."""
+    gathered around that block's call and freed after it (the diffusers adapters run their block
+    functions inside the diffusers block's call: `models.hunyuan_video.route_block`); the root unit holds
+    the embedders (HunyuanVideo's token refiner included) and the output head and is gathered around each
+    of its forward methods, `embed`, `condition` and `head` (plus what the backbone adds in `root_methods`,
+    e.g. Wan's shared block modulation): the stages and the stage-3 predictor call these parts, never
+    `forward`. Peak memory is the root plus one block's full weights. Backbones list their blocks in
+    `shard_blocks()`; one without it is refused. A module that is already sharded is left alone."""
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
     if isinstance(module, FSDPModule):
         return module
-    blocks = shard_blocks(module)
-    for block in blocks:
+    if not hasattr(module, "shard_blocks"):
+        raise TypeError(f"cannot FSDP2-shard a {type(module).__name__}: it lists no per-block sharding units "
+                        f"(a `shard_blocks()` method, as models.mmdit.MMDiT and the diffusers adapters have)")
+    for block in shard_blocks(module):
         fully_shard(block, mesh=mesh)
     fully_shard(module, mesh=mesh)
-    for name in (ROOT_METHODS if blocks else ("run",)):
+    for name in getattr(module, "root_methods", ROOT_METHODS):
         register_fsdp_forward_method(module, name)
     return module
 
@@ -163,8 +166,9 @@ def shard_blocks(module: nn.Module) -> list[nn.Module]:
 
 def zero3_leaf_blocks(module: nn.Module) -> None:
     """ZeRO-3 gathers a parameter in the pre-forward hook of the module that owns it; blocks that slice
-    a child's weight (the MMDiT's fused single-stream linears) are marked ZeRO-3 leaves, so the whole
-    block is gathered on entry and released after it (per-block, as with FSDP2)."""
+    a child's weight (the fused single-stream linears of the MMDiT and of HunyuanVideo) or read their
+    own parameters (Wan's `scale_shift_table`) are marked ZeRO-3 leaves, so the whole block is gathered
+    on entry and released after it (per-block, as with FSDP2)."""
     from deepspeed.utils import set_z3_leaf_modules
 
     classes = sorted({type(b) for b in shard_blocks(module)}, key=lambda c: c.__name__)

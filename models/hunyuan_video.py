@@ -27,6 +27,11 @@ Conventions (checked against diffusers 0.42.1):
 - Single-stream blocks apply their fused output projection `proj_out` as two slices (attention
   part, MLP part + bias) so that each block output can be cached on its own; this is equal to
   diffusers up to float rounding (~1e-7 relative).
+- Sharding units (`shard_blocks`): every double- and single-stream block runs this module's block
+  function inside the diffusers block's own call (`route_block`), so FSDP2, ZeRO-3 leaf modules and
+  per-block activation checkpointing treat it as one unit, as the built-in MMDiT's blocks; the embedders,
+  the token refiner, the conditioning and the output head are read only in `embed` / `condition` /
+  `head` (the root unit).
 
 Added conditioning (SPEC §3): `enable_guidance_embedding()` adds the diffusers guidance embedder
 (a copy of the timestep embedder with a zero last layer) when the model was built without one and
@@ -44,6 +49,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import types
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -154,6 +160,25 @@ def _heads(x: Tensor, heads: int) -> Tensor:
 
 
 # --- the diffusers blocks, re-run with hooks -------------------------------------------------------
+def route_block(block: nn.Module) -> nn.Module:
+    """Give a diffusers block a second entry point through its own call: `block(*args, block_fn=f, **kw)`
+    runs `f(block, *args, **kw)` (this project's re-implementation, with the cache hooks), any other call
+    runs diffusers' own `forward` (`native_forward`, diffusers' cache hooks). Why: FSDP2 units
+    (`fully_shard`), ZeRO-3 leaf modules and composable activation checkpointing all act in a module's
+    forward hooks, so running the block function inside the block's call makes the block a sharding and
+    checkpointing unit, while the module tree, the block's class and hence the state-dict keys stay
+    diffusers' own. The entry point is an instance attribute bound to the block (`copy.deepcopy` rebinds
+    it to the copy)."""
+    block.forward = types.MethodType(_routed_forward, block)
+    return block
+
+
+def _routed_forward(self: nn.Module, *args, block_fn=None, **kwargs):
+    if block_fn is None:
+        return type(self).forward(self, *args, **kwargs)
+    return block_fn(self, *args, **kwargs)
+
+
 def joint_key_mask(tokens: Tokens) -> Tensor:
     """(B, N_img + N_txt) bool key mask exactly as diffusers builds it: the first
     N_img + sum(text mask) tokens are valid (right padding assumed)."""
@@ -246,6 +271,14 @@ def single_block_forward(block: nn.Module, x: Tensor, vec: Tensor, n_img: int, r
 
     g = gate.unsqueeze(1)
     return x + g * hook.delta(f"{name}.attn", attn_out) + g * hook.delta(f"{name}.mlp", mlp_out)
+
+
+def _double_modulated_input(block: nn.Module, img: Tensor, vec: Tensor) -> Tensor:
+    return block.norm1(img, emb=vec)[0]
+
+
+def _single_modulated_input(block: nn.Module, x: Tensor, vec: Tensor) -> Tensor:
+    return block.norm(x, emb=vec)[0]
 
 
 def _refiner_attention(attn: nn.Module, x: Tensor, mask: Tensor) -> Tensor:
@@ -344,6 +377,8 @@ class HunyuanVideoBackbone(DiffusersAdapter):
                                       "by this adapter")
         _check_r_mode(r_embed)
         self.model = model
+        for block in self.shard_blocks():
+            route_block(block)
         self._attention_backend = _check_backend(attention_backend)
         for m in self._attention_modules():
             m.attention_backend = attention_backend
@@ -368,6 +403,11 @@ class HunyuanVideoBackbone(DiffusersAdapter):
         mods = [blk.attn for blk in m.context_embedder.token_refiner.refiner_blocks]
         mods += [blk.attn for blk in m.transformer_blocks] + [blk.attn for blk in m.single_transformer_blocks]
         return mods
+
+    def shard_blocks(self) -> list[nn.Module]:
+        """Per-block sharding units (FSDP2 / ZeRO-3) and checkpointing units: the double- then the
+        single-stream blocks, whose weights are read only inside their (routed) call."""
+        return [*self.model.transformer_blocks, *self.model.single_transformer_blocks]
 
     # --- properties ------------------------------------------------------------------------------
     @property
@@ -499,18 +539,18 @@ class HunyuanVideoBackbone(DiffusersAdapter):
         key_mask = joint_key_mask(tokens)
         features: list[Tensor] = []
         wanted = _check_features(feature_layers, self.num_blocks)
-        if _wants_observe(hook):  # TeaCache's signal: block 0's modulated image input
-            if len(doubles):
-                hook.observe("modulated_input", doubles[0].norm1(tokens.img, emb=vec)[0])
-            elif len(singles):
-                x = torch.cat([tokens.img, tokens.txt], dim=1)
-                hook.observe("modulated_input", singles[0].norm(x, emb=vec)[0][:, :n_img])
         x0 = torch.cat([tokens.img, tokens.txt], dim=1)
+        if _wants_observe(hook):  # TeaCache's signal: block 0's modulated image input (read inside block 0's call)
+            if len(doubles):
+                hook.observe("modulated_input", doubles[0](tokens.img, vec, block_fn=_double_modulated_input))
+            elif len(singles):
+                hook.observe("modulated_input", singles[0](x0, vec, block_fn=_single_modulated_input)[:, :n_img])
 
         def run_double() -> Tensor:
             img, txt = tokens.img, tokens.txt
             for i, block in enumerate(doubles):
-                img, txt = double_block_forward(block, img, txt, vec, tokens.rope, key_mask, hook, name=f"double{i}")
+                img, txt = block(img, txt, vec, tokens.rope, key_mask, hook=hook, name=f"double{i}",
+                                 block_fn=double_block_forward)
                 if i in wanted:
                     features.append(img)
             return torch.cat([img, txt], dim=1)
@@ -521,7 +561,8 @@ class HunyuanVideoBackbone(DiffusersAdapter):
             def single_delta() -> Tensor:
                 y = x
                 for j, block in enumerate(singles):
-                    y = single_block_forward(block, y, vec, n_img, tokens.rope, key_mask, hook, name=f"single{j}")
+                    y = block(y, vec, n_img, tokens.rope, key_mask, hook=hook, name=f"single{j}",
+                              block_fn=single_block_forward)
                     if len(doubles) + j in wanted:
                         features.append(y[:, :n_img])
                 return y - x

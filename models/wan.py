@@ -25,6 +25,11 @@ layer, added to temb; `enable_r_embedding(mode)` adds `time_r_in` exactly as for
 ('average' copies the timestep embedder; 'sum' / 'interval' zero the last layer). Both live on this
 adapter (not in the diffusers model).
 
+Sharding units (`shard_blocks`): the blocks, each run inside its own call (models/hunyuan_video.py
+`route_block`); the embedders, the shared block modulation `block_modulation` (Wan's `time_proj`,
+read by every block and by the predictor's blocks) and the head are the root unit, read only in
+`embed` / `condition` / `block_modulation` / `head` (the root's FSDP2 forward methods, `root_methods`).
+
 Hook keys. Wan has one block kind (self-attention, cross-attention, FFN on the image tokens); its
 blocks use the double-stream names: `double{i}.attn` is the self-attention output before its gate,
 `double{i}.cross` the (ungated) cross-attention output, `double{i}.mlp` the FFN output before its
@@ -41,7 +46,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from models.hunyuan_video import (R_EMBED_MODES, TIMESTEP_SCALE, DiffusersAdapter, _check_backend, _check_features,
-                                  _check_r_mode, _json_config, _wants_observe, _zero_last)
+                                  _check_r_mode, _json_config, _wants_observe, _zero_last, route_block)
 from models.layers import attention
 from models.protocol import PLAIN, FeatureHook, TextCond, Tokens, check_time
 
@@ -100,33 +105,42 @@ def wan_block_forward(block: nn.Module, img: Tensor, context: Tensor, tproj: Ten
     return (img.float() + hook.delta(f"{name}.mlp", mlp_out).float() * c_gate_msa).type_as(img)
 
 
+def _modulated_input(block: nn.Module, img: Tensor, tproj: Tensor) -> Tensor:
+    """Block `block`'s modulated self-attention input (TeaCache's signal for block 0)."""
+    shift, scale = (block.scale_shift_table + tproj.float()).chunk(6, dim=1)[:2]
+    return (block.norm1(img.float()) * (1 + scale) + shift).type_as(img)
+
+
 class WanSingleBlock(nn.Module):
     """A new block of Wan's kind (for the learned predictor), with models.mmdit.SingleStreamBlock's call
     signature: x (B, N_img + N_txt, H) -> same shape; the text part is the cross-attention context and
     is passed through unchanged (`key_mask` is ignored: Wan's cross-attention has no mask). The block's
     modulation `silu(vec) -> Linear -> (B, 6, H)` is, at the backbone's width, the backbone's own
-    `time_proj` (shared: kept in a list, so it is neither registered, counted nor saved with the block);
-    at another width the block owns a new `time_proj` Linear(H, 6H)."""
+    (`backbone.block_modulation`, called at each forward so that a sharded backbone gathers it; the
+    backbone is kept in a list, so it is neither registered, counted nor saved with the block); at
+    another width the block owns a new `time_proj` Linear(H, 6H)."""
 
-    def __init__(self, block: nn.Module, time_proj: nn.Module | None, attention_backend: str = "sdpa"):
+    def __init__(self, block: nn.Module, backbone: WanBackbone | None, attention_backend: str = "sdpa"):
         super().__init__()
         self.block = block
         self.block.attn1.attention_backend = _check_backend(attention_backend)
         self.block.attn2.attention_backend = attention_backend
-        if time_proj is None:
+        if backbone is None:
             dim = block.scale_shift_table.shape[-1]
             ref = block.scale_shift_table
             self.time_proj = nn.Linear(dim, 6 * dim, device=ref.device, dtype=ref.dtype)
-            self._shared_time_proj: list[nn.Module] = []
+            self._backbone: list[WanBackbone] = []
         else:
             self.time_proj = None
-            self._shared_time_proj = [time_proj]  # a list: not a registered submodule
+            self._backbone = [backbone]  # a list: not a registered submodule
 
     def forward(self, x: Tensor, vec: Tensor, tokens: Tokens, key_mask: Tensor | None = None,
                 hook: FeatureHook = PLAIN, name: str = "single") -> Tensor:
         n_img = tokens.num_img
-        proj = self.time_proj if self.time_proj is not None else self._shared_time_proj[0]
-        tproj = proj(nn.functional.silu(vec)).unflatten(1, (6, -1))
+        if self.time_proj is not None:
+            tproj = self.time_proj(nn.functional.silu(vec)).unflatten(1, (6, -1))
+        else:
+            tproj = self._backbone[0].block_modulation(vec)
         img = wan_block_forward(self.block, x[:, :n_img], x[:, n_img:], tproj, tokens.rope, hook, name)
         return torch.cat([img, x[:, n_img:]], dim=1)
 
@@ -135,6 +149,7 @@ class WanBackbone(DiffusersAdapter):
     """diffusers WanTransformer3DModel (as `self.model`) implementing `VideoBackbone`."""
 
     TYPE = "wan"
+    root_methods = ("embed", "condition", "block_modulation", "head")  # the root unit's FSDP2 forward methods
 
     def __init__(self, model: nn.Module, *, r_embed: str | None = None, guidance_embed: bool | None = False,
                  attention_backend: str = "sdpa"):
@@ -144,6 +159,8 @@ class WanBackbone(DiffusersAdapter):
             raise NotImplementedError("Wan image conditioning (image_dim / added_kv_proj_dim, I2V) is not supported")
         _check_r_mode(r_embed)
         self.model = model
+        for block in self.shard_blocks():
+            route_block(block)
         self._attention_backend = _check_backend(attention_backend)
         for blk in model.blocks:
             blk.attn1.attention_backend = attention_backend
@@ -162,6 +179,11 @@ class WanBackbone(DiffusersAdapter):
         from diffusers import WanTransformer3DModel
 
         return WanTransformer3DModel
+
+    def shard_blocks(self) -> list[nn.Module]:
+        """Per-block sharding units (FSDP2 / ZeRO-3) and checkpointing units: the blocks, whose weights are
+        read only inside their (routed) call."""
+        return list(self.model.blocks)
 
     # --- properties ------------------------------------------------------------------------------
     @property
@@ -262,26 +284,26 @@ class WanBackbone(DiffusersAdapter):
             vec = vec + self._embed_time(self.guidance_in, guidance)
         return vec
 
-    def _block_modulation(self, vec: Tensor) -> Tensor:
+    def block_modulation(self, vec: Tensor) -> Tensor:
+        """The blocks' shared modulation `time_proj(silu(vec))` (B, 6, H), a root-unit read (see module doc)."""
         ce = self.model.condition_embedder
         return ce.time_proj(ce.act_fn(vec)).unflatten(1, (6, -1))  # (B, 6, H)
 
     def transformer(self, tokens: Tokens, vec: Tensor, *, hook: FeatureHook = PLAIN,
                     feature_layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
         blocks = self.model.blocks
-        tproj = self._block_modulation(vec)
+        tproj = self.block_modulation(vec)
         features: list[Tensor] = []
         wanted = _check_features(feature_layers, self.num_blocks)
-        if _wants_observe(hook) and len(blocks):
-            b0 = blocks[0]
-            shift, scale = (b0.scale_shift_table + tproj.float()).chunk(6, dim=1)[:2]
-            hook.observe("modulated_input", (b0.norm1(tokens.img.float()) * (1 + scale) + shift).type_as(tokens.img))
+        if _wants_observe(hook) and len(blocks):  # read inside block 0's call
+            hook.observe("modulated_input", blocks[0](tokens.img, tproj, block_fn=_modulated_input))
         x0 = torch.cat([tokens.img, tokens.txt], dim=1)
 
         def run_all() -> Tensor:
             img = tokens.img
             for i, block in enumerate(blocks):
-                img = wan_block_forward(block, img, tokens.txt, tproj, tokens.rope, hook, name=f"double{i}")
+                img = block(img, tokens.txt, tproj, tokens.rope, hook=hook, name=f"double{i}",
+                            block_fn=wan_block_forward)
                 if i in wanted:
                     features.append(img)
             return torch.cat([img, tokens.txt], dim=1) - x0
@@ -327,7 +349,7 @@ class WanBackbone(DiffusersAdapter):
             raise ValueError(f"hidden_size {width} is not divisible by num_heads {heads}")
         ffn = int(width * mlp_ratio) if mlp_ratio else round(c.ffn_dim * width / self.hidden_size)
         ref = self.model.patch_embedding.weight
-        shared = self.model.condition_embedder.time_proj if width == self.hidden_size else None
+        shared = self if width == self.hidden_size else None
         blocks = []
         for _ in range(n):
             blk = WanTransformerBlock(width, ffn, heads, c.qk_norm, c.cross_attn_norm, c.eps, None)

@@ -46,7 +46,7 @@ def test_memory_efficient_linear_is_refused_for_the_jvp():
 
 def test_stage3_refused_by_fsdp2_for_a_backbone_without_block_units():
     """Stage 3's predictor calls the frozen DiT's embed/condition/head: FSDP2 gathers them only for backbones
-    sharded per block (the diffusers adapters are one unit around `run`)."""
+    sharded per block, i.e. with `shard_blocks()` (the MMDiT and the diffusers adapters)."""
     from torch import nn
 
     from distributed.strategies import FSDP2

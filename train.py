@@ -14,6 +14,8 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.divergence import DivergenceGuard
+from distributed.zero_init import builds_partitioned
+from models.io import deferred_loading
 
 # argparse (Python < 3.13) takes `-1e-3` for an option name because its negative-number pattern has no
 # exponent, so `--model.init_args.lr -1e-3` failed; this pattern (ints, decimals, exponents) fixes that.
@@ -29,8 +31,11 @@ class DisCaCLI(LightningCLI):
             L.seed_everything(self.config.seed, workers=True)
 
     def instantiate_classes(self) -> None:
+        """Under DeepSpeed ZeRO-3 the stage is built deferred: `load_backbone` leaves the blocks on the meta
+        device and `configure_model` loads them into the partitions (distributed/zero_init.py)."""
         if not self.parse_only:  # parse_config(): validate types and class paths, build nothing
-            super().instantiate_classes()
+            with deferred_loading(builds_partitioned(self.config.trainer.strategy)):
+                super().instantiate_classes()
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)

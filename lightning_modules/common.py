@@ -206,6 +206,26 @@ def shard_modules(pl_module: L.LightningModule, modules: list[nn.Module],
             zero3_leaf_blocks(module)
 
 
+def materialize_deferred(pl_module: L.LightningModule, names: tuple[str, ...]) -> None:
+    """Replace each deferred network `pl_module.<name>` (built inside `models.io.deferred_loading()`, as
+    train.py does for DeepSpeed ZeRO-3) by the real one (`distributed.zero_init.materialize`): under ZeRO-3
+    partitioned at construction with each rank reading only its slice of the export (call from
+    `configure_model`, which Lightning runs inside `deepspeed.zero.Init`), under any other strategy whole.
+    Networks that are not deferred are left alone. Each rank's read counts are kept in
+    `pl_module.zero_init_stats[name]`."""
+    from distributed.strategies import strategy_kind, zero_stage
+    from distributed.zero_init import is_deferred, materialize
+
+    strategy = pl_module.trainer.strategy if pl_module._trainer is not None else None
+    partitioned = strategy_kind(strategy) == "deepspeed" and zero_stage(strategy) == 3
+    for name in names:
+        module = getattr(pl_module, name)
+        if is_deferred(module):
+            built, stats = materialize(module, partitioned)
+            setattr(pl_module, name, built)
+            pl_module.__dict__.setdefault("zero_init_stats", {})[name] = stats
+
+
 def is_deepspeed(pl_module: L.LightningModule) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -275,8 +295,10 @@ class EMAStudentModule(L.LightningModule):
     ema: nn.Module
 
     def configure_model(self) -> None:
-        """Shard teacher, student and EMA for the strategy in use (`shard_modules`); per-block activation
-        checkpointing of the student when `activation_checkpointing` is set."""
+        """Materialise deferred networks (DeepSpeed ZeRO-3: partitioned at construction,
+        `materialize_deferred`), shard teacher, student and EMA for the strategy in use (`shard_modules`);
+        per-block activation checkpointing of the student when `activation_checkpointing` is set."""
+        materialize_deferred(self, ("teacher", "student", "ema"))
         checkpointed = [self.student] if self.hparams.get("activation_checkpointing") else []
         shard_modules(self, [self.teacher, self.student, self.ema], checkpointed)
         deepspeed_gradient_clipping(self, self.hparams.grad_clip)

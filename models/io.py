@@ -208,13 +208,15 @@ def load_backbone_deferred(directory: str | os.PathLike) -> nn.Module:
     network partitioned under `deepspeed.zero.Init` and reads each rank's slice of every tensor from it.
     Copies (`copy.deepcopy`) stay deferred, and methods that read only the loaded parts work on it (the
     stages' `enable_guidance_embedding` / `enable_r_embedding` read the timestep embedder). A backbone
-    without per-block units, or with buffers a file cannot restore (non-persistent), is loaded eagerly."""
+    without per-block units is loaded eagerly."""
+    from accelerate import init_empty_weights
+
     config = read_config(directory)
     path = weights_path(directory)
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (e.g. RoPE tables) computed
         model = build_backbone(config)
     blocks = list(model.shard_blocks()) if hasattr(model, "shard_blocks") else []
-    if not blocks or set(dict(model.named_buffers())) - set(model.state_dict()):
+    if not blocks:
         with deferred_loading(False):
             return load_backbone(directory)
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
@@ -222,7 +224,8 @@ def load_backbone_deferred(directory: str | os.PathLike) -> nn.Module:
         with safe_open(str(path), framework="pt") as f:
             _check_keys(path, {k: v.shape for k, v in model.state_dict().items()},
                         {k: f.get_slice(k).get_shape() for k in f.keys()})
-            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            persistent_buffers = [(n, b) for n, b in model.named_buffers() if n in f.keys()]
+            for name, tensor in [*model.named_parameters(), *persistent_buffers]:
                 if id(tensor) not in in_blocks:
                     _replace_tensor(model, name, f.get_tensor(name))
     except ValueError:

@@ -141,3 +141,26 @@ def test_zero3_stage2_loads_the_teacher_into_partitions(export: Path, tmp_path: 
     assert sharded.keys() == plain.keys()
     for name, value in plain.items():
         torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("family", ["hunyuan_video", "wan"])
+def test_diffusers_adapters_load_deferred_or_eagerly_with_the_same_weights(family: str, tmp_path: Path) -> None:
+    """A backbone with per-block units is deferred (its computed buffers, e.g. Wan's RoPE tables, kept), one
+    without is loaded eagerly; either way the weights a stage ends up with are the export's."""
+    from models.hunyuan_video import HunyuanVideoBackbone
+    from models.wan import WanBackbone
+    from tests.test_diffusers_adapters import _hv_model, _wan_model
+
+    model = HunyuanVideoBackbone(_hv_model(False)) if family == "hunyuan_video" else WanBackbone(_wan_model())
+    model.enable_guidance_embedding()
+    save_backbone(model, tmp_path)
+    with deferred_loading():
+        loaded = load_backbone(tmp_path)
+    expect_deferred = bool(shard_blocks(model))
+    assert is_deferred(loaded) is expect_deferred
+    if expect_deferred:
+        loaded, _ = materialize(loaded, partitioned=False)
+    state, buffers = loaded.state_dict(), dict(loaded.named_buffers())
+    assert state.keys() == model.state_dict().keys() and buffers.keys() == dict(model.named_buffers()).keys()
+    for name, value in [*model.state_dict().items(), *model.named_buffers()]:
+        assert torch.equal(state.get(name, buffers.get(name)), value), name

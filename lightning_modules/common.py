@@ -97,6 +97,15 @@ def adamw_warmup_cosine(params, lr: float, betas, weight_decay: float, warmup_st
 
 
 def freeze(module: nn.Module) -> nn.Module:
+    """The frozen network of stages 1-3 (teacher, DiT), in eval mode. A random network deferred by train.py
+    under ZeRO-3 (`models.io.defer_init`) is built whole here, as without ZeRO-3: the stages derive their
+    students and predictors from it at construction. (Exports, `load_backbone`, stay deferred.)"""
+    from models.io import DEFERRED_INIT, DEFERRED_WEIGHTS
+
+    if DEFERRED_INIT in module.__dict__ and DEFERRED_WEIGHTS not in module.__dict__:
+        from distributed.zero_init import materialize
+
+        module = materialize(module, partitioned=False)[0]
     module.requires_grad_(False)
     return module.eval()
 

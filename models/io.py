@@ -166,8 +166,16 @@ def weights_path(directory: str | os.PathLike) -> Path:
 
 
 def load_state(module: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load `model.safetensors` into `module`, failing clearly on missing, unexpected or misshapen keys."""
+    """Load `model.safetensors` into `module`, failing clearly on missing, unexpected or misshapen keys.
+    A deferred `module` (parameters on the meta device) only checks the file and records it as the source
+    of those parameters (`distributed.zero_init.materialize` reads them)."""
     path = weights_path(directory)
+    if DEFERRED_INIT in module.__dict__ or DEFERRED_WEIGHTS in module.__dict__:
+        with safe_open(str(path), framework="pt") as f:
+            _check_keys(path, {k: v.shape for k, v in module.state_dict().items()},
+                        {k: f.get_slice(k).get_shape() for k in f.keys()})
+        module.__dict__[DEFERRED_WEIGHTS] = str(path)
+        return module
     try:
         state = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for corrupt files
@@ -178,7 +186,8 @@ def load_state(module: nn.Module, directory: str | os.PathLike) -> nn.Module:
 
 
 _DEFERRED = contextvars.ContextVar("deferred_loading", default=False)
-DEFERRED_WEIGHTS = "deferred_weights"  # attribute of a deferred backbone: the safetensors file of its meta blocks
+DEFERRED_WEIGHTS = "deferred_weights"  # attribute of a deferred backbone: the safetensors file of its meta parameters
+DEFERRED_INIT = "deferred_init"  # attribute of a deferred random backbone: (class, args, kwargs, CPU RNG state)
 
 
 @contextlib.contextmanager
@@ -190,6 +199,21 @@ def deferred_loading(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _DEFERRED.reset(token)
+
+
+def defer_init(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
+    """`cls(*args, **kwargs)`; inside `deferred_loading()` with its parameters on the meta device instead,
+    and the call and the global CPU RNG state recorded so that `distributed.zero_init.materialize` replays
+    it partitioned, to the same values (train.py instantiates `models.mmdit.MMDiT` through this)."""
+    if not _DEFERRED.get():
+        return cls(*args, **kwargs)
+    from accelerate import init_empty_weights
+
+    rng = torch.get_rng_state()
+    with init_empty_weights(include_buffers=False):
+        module = cls(*args, **kwargs)
+    module.__dict__[DEFERRED_INIT] = (cls, args, kwargs, rng)
+    return module
 
 
 def load_backbone(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:

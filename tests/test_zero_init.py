@@ -103,16 +103,96 @@ def test_only_the_zero3_preset_builds_deferred(preset: str | None, expected: boo
     assert builds_partitioned("deepspeed_stage_3") and not builds_partitioned("deepspeed_stage_2")
 
 
+def cli_model(*args: str):
+    """The stage module train.py builds for `args` (no training)."""
+    import sys
+
+    argv, sys.argv = sys.argv, ["train.py"]  # LightningCLI warns about pytest's own argv otherwise
+    try:
+        return train_cli.build_cli([*args, "--trainer.accelerator", "cpu", "--trainer.devices", "1"]).model
+    finally:
+        sys.argv = argv
+
+
+@pytest.mark.parametrize("preset", ["deepspeed_zero3", "fsdp2"])
+def test_train_py_defers_construction_only_under_zero3(preset: str, export: Path) -> None:
+    """Stage 0's new MMDiT and its EMA: every parameter on the meta device (nothing held); stage 2's teacher
+    from an export, its student and EMA: only the non-block parameters held. Other presets: built whole."""
+    strategy = ["--config", f"configs/strategy/{preset}.yaml"]
+    zero3 = preset == "deepspeed_zero3"
+    stage0 = cli_model("--config", "configs/smoke/teacher_pretrain.yaml", *strategy)
+    stage2 = cli_model("--config", "configs/smoke/restricted_meanflow.yaml", *strategy, *loaded_from("teacher", export))
+    blocks = block_elements(load_backbone(export))
+    for module in (stage0.backbone, stage0.ema, stage2.teacher, stage2.student, stage2.ema):
+        assert is_deferred(module) is zero3
+        held = sum(p.numel() for p in module.parameters() if not p.is_meta)
+        total = sum(p.numel() for p in module.parameters())
+        expected_held = (0 if module in (stage0.backbone, stage0.ema) else total - blocks) if zero3 else total
+        assert held == expected_held
+
+
+ZERO_INIT_REPLAY = """
+import os, sys, torch
+os.environ.update(DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0")
+import deepspeed
+from distributed.zero_init import materialize
+from lightning_modules.common import gathered_state_dict
+from models.io import defer_init, deferred_loading
+from models.mmdit import MMDiT
+deepspeed.init_distributed(dist_backend="gloo")
+kw = dict(size="tiny", config={"patch_size": [2, 4, 4], "text_dim": 384, "pooled_dim": 384})
+torch.manual_seed(0)
+eager = MMDiT(**kw)
+torch.manual_seed(0)
+with deferred_loading():
+    deferred = defer_init(MMDiT, **kw)
+config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+with deepspeed.zero.Init(config_dict_or_path=config):
+    built, _ = materialize(deferred, partitioned=True)
+partitioned = all(hasattr(p, "ds_tensor") and p.data.numel() == 0 for p in built.parameters())
+gathered = gathered_state_dict(built)
+diff = [k for k, v in eager.state_dict().items() if not torch.equal(gathered[k], v)]
+print("RESULT", partitioned, diff)
+"""
+
+
+def test_random_init_replayed_under_zero_init_equals_the_eager_init() -> None:
+    """Stage 0's MMDiT rebuilt under zero.Init (1 process; every parameter partitioned, its data freed) from
+    the recorded RNG state has the eager initial weights, adaLN-Zero and zeroed head included: its
+    `initialize_weights` writes partitioned children, which `InitGathered` gathers one parameter at a time."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run = subprocess.run([sys.executable, "-c", ZERO_INIT_REPLAY, str(port)], cwd=Path(__file__).resolve().parents[1],
+                         capture_output=True, text=True, timeout=240, env={**__import__("os").environ,
+                                                                           "OMP_NUM_THREADS": "1"})
+    result = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
+    assert run.returncode == 0 and result, run.stdout[-2000:] + run.stderr[-4000:]
+    assert result[0] == "RESULT True []"
+
+
+def loaded_from(key: str, directory: Path) -> list[str]:
+    return [f"--model.init_args.{key}",
+            json.dumps({"class_path": "models.io.load_backbone", "init_args": {"directory": str(directory)}})]
+
+
+def zero_init_probe(out: Path, export: Path, networks: list[str], frozen: str) -> str:
+    return "--trainer.callbacks+=" + json.dumps({"class_path": "tests.zero_init_probe.ZeroInitProbe", "init_args": {
+        "out_dir": str(out), "export": str(export), "networks": networks, "frozen": frozen}})
+
+
 def test_zero3_stage2_loads_the_teacher_into_partitions(export: Path, tmp_path: Path) -> None:
-    teacher = ["--model.init_args.teacher",
-               json.dumps({"class_path": "models.io.load_backbone", "init_args": {"directory": str(export)}})]
+    teacher = loaded_from("teacher", export)
     out = tmp_path / "zero_init_probe"
-    zprobe = json.dumps({"class_path": "tests.zero_init_probe.ZeroInitProbe",
-                         "init_args": {"out_dir": str(out), "teacher_export": str(export)}})
     single = train(tmp_path / "single", "restricted_meanflow", *teacher, "--trainer.accumulate_grad_batches", "2",
                    steps=2)
     run = train(tmp_path / "zero3", "restricted_meanflow", *teacher, "--config", "configs/strategy/deepspeed_zero3.yaml",
-                f"--trainer.callbacks+={zprobe}", devices=2, steps=2)
+                zero_init_probe(out, export, ["teacher", "student", "ema"], "teacher"), devices=2, steps=2)
 
     model = load_backbone(export)
     blocks, total = block_elements(model), sum(p.numel() for p in model.parameters())
@@ -129,7 +209,7 @@ def test_zero3_stage2_loads_the_teacher_into_partitions(export: Path, tmp_path: 
             assert stats["file_elements"] == blocks
             assert 0.4 * blocks <= stats["read_elements"] <= 0.6 * blocks, (name, stats)  # its half, never the whole
         reads.append(rec["stats"]["teacher"]["read_elements"])
-        assert rec["teacher_keys_equal"] and rec["teacher_max_diff"] == 0.0
+        assert rec["frozen_keys_equal"] and rec["frozen_max_diff"] == 0.0
     assert sum(reads) >= blocks  # together the ranks read every element
 
     ref = [2 * loss for _, _, loss in probe(single, "fresh", 0)["losses"]]  # accumulated loss is reported / 2
@@ -141,6 +221,29 @@ def test_zero3_stage2_loads_the_teacher_into_partitions(export: Path, tmp_path: 
     assert sharded.keys() == plain.keys()
     for name, value in plain.items():
         torch.testing.assert_close(sharded[name], value, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_zero3_stage3_loads_the_frozen_dit_into_partitions(tmp_path: Path) -> None:
+    """Stage 3's frozen DiT from a stage-2 export: partitioned at construction, each rank reading half of
+    its block elements, equal to the export; 3 MSE batches then one GAN batch (D and P steps) train."""
+    export = tmp_path / "stage2_export"
+    save_backbone(random_backbone("tiny", "meanflow", {**SMOKE_TEACHER, "guidance_embed": True, "r_embed": "average"},
+                                  seed=0), export)
+    out = tmp_path / "zero_init_probe"
+    run = train(tmp_path / "zero3", "predictor_gan", *loaded_from("model", export), "--config",
+                "configs/strategy/deepspeed_zero3.yaml", zero_init_probe(out, export, ["model"], "model"), devices=2,
+                steps=5)
+    blocks = block_elements(load_backbone(export))
+    for rank in (0, 1):
+        rec = json.loads((out / f"rank{rank}.json").read_text())
+        held, full = rec["before"]["model"]
+        assert held == full - blocks and rec["partitioned"]["model"]
+        stats = rec["stats"]["model"]
+        assert stats["file_elements"] == blocks and 0.4 * blocks <= stats["read_elements"] <= 0.6 * blocks
+        assert rec["frozen_keys_equal"] and rec["frozen_max_diff"] == 0.0
+        fresh = probe(run, "fresh", rank)
+        assert fresh["global_step"] == 5 and all(torch.isfinite(torch.tensor(loss)) for _, _, loss in fresh["losses"])
+    assert load_export("predictor_gan", run / "export")
 
 
 @pytest.mark.parametrize("family", ["hunyuan_video", "wan"])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import math
 
 import torch
@@ -36,7 +37,8 @@ def is_deferred(module: nn.Module) -> bool:
 
 def builds_partitioned(strategy) -> bool:
     """Whether a trainer `strategy` as configured (an instance, a class_path/init_args namespace or dict,
-    or a registry name) is DeepSpeed ZeRO stage 3, i.e. the stage should be built deferred."""
+    or a registry name) is DeepSpeed ZeRO stage 3, i.e. the stage should be built deferred. A DeepSpeed
+    config given as a file path is not read: such a stage is built whole, as before."""
     from lightning.pytorch.strategies import DeepSpeedStrategy
     from jsonargparse import Namespace
 
@@ -50,8 +52,6 @@ def builds_partitioned(strategy) -> bool:
         return False
     module_name, _, class_name = strategy["class_path"].rpartition(".")
     try:
-        import importlib
-
         cls = getattr(importlib.import_module(module_name or "lightning.pytorch.strategies"), class_name)
     except (ImportError, AttributeError):
         return False
@@ -127,7 +127,18 @@ def materialize(module: nn.Module, partitioned: bool) -> tuple[nn.Module, dict[s
     return built.train(module.training), stats
 
 
-INIT_METHODS = ("uniform_", "normal_", "zero_", "fill_", "bernoulli_", "exponential_", "random_")  # what nn.init writes with
+def materialize_in_place(module: nn.Module) -> nn.Module:
+    """`materialize(module, partitioned=False)` into `module` itself (its meta parameters replaced): for
+    callers that keep references to it. It is no longer deferred afterwards."""
+    built, _ = materialize(module, partitioned=False)
+    module.load_state_dict(built.state_dict(), assign=True)
+    module.__dict__.pop(DEFERRED_INIT, None)
+    module.__dict__.pop(DEFERRED_WEIGHTS, None)
+    return module
+
+
+# the in-place tensor methods torch.nn.init writes with
+INIT_METHODS = ("uniform_", "normal_", "zero_", "fill_", "bernoulli_", "exponential_", "random_")
 
 
 class InitGathered(TorchFunctionMode):

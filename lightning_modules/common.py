@@ -103,9 +103,9 @@ def freeze(module: nn.Module) -> nn.Module:
     from models.io import DEFERRED_INIT, DEFERRED_WEIGHTS
 
     if DEFERRED_INIT in module.__dict__ and DEFERRED_WEIGHTS not in module.__dict__:
-        from distributed.zero_init import materialize
+        from distributed.zero_init import materialize_in_place
 
-        module = materialize(module, partitioned=False)[0]
+        materialize_in_place(module)
     module.requires_grad_(False)
     return module.eval()
 

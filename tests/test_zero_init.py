@@ -78,6 +78,35 @@ def test_deferred_backbone_holds_only_the_root_and_materializes_to_the_export(ex
         assert torch.equal(state[name], value), name
 
 
+def test_deferred_random_backbone_warm_started_or_used_as_a_teacher(tmp_path: Path) -> None:
+    """Stage 0's `init_from` on a deferred MMDiT records the export (checked) instead of loading into meta
+    tensors; a deferred random MMDiT given to a stage as its frozen teacher is built whole (`freeze`), as
+    without ZeRO-3, since the stage derives its student from it."""
+    from lightning_modules.flow_matching import FlowMatchingModule
+    from lightning_modules.meanflow import RestrictedMeanFlowModule
+    from models.io import defer_init
+    from models.mmdit import MMDiT
+
+    source = random_backbone("tiny", "cfg", SMOKE_TEACHER, seed=3)
+    save_backbone(source, tmp_path)
+    with deferred_loading():
+        stage0 = FlowMatchingModule(defer_init(MMDiT, size="tiny", config=SMOKE_TEACHER), init_from=str(tmp_path))
+    for module in (stage0.backbone, stage0.ema):
+        built, stats = materialize(module, partitioned=False)
+        assert stats["read_elements"] == stats["file_elements"] == sum(p.numel() for p in source.parameters())
+        for name, value in source.state_dict().items():
+            assert torch.equal(built.state_dict()[name], value), name
+    torch.manual_seed(0)
+    eager = MMDiT(size="tiny", config={**SMOKE_TEACHER, "guidance_embed": True})
+    torch.manual_seed(0)
+    with deferred_loading():
+        teacher = defer_init(MMDiT, size="tiny", config={**SMOKE_TEACHER, "guidance_embed": True})
+        stage2 = RestrictedMeanFlowModule(teacher)
+    assert not is_deferred(stage2.teacher) and not any(p.is_meta for p in stage2.student.parameters())
+    for name, value in eager.state_dict().items():
+        assert torch.equal(stage2.teacher.state_dict()[name], value), name
+
+
 def test_materialize_partitioned_needs_zero_init(export: Path) -> None:
     with deferred_loading():
         deferred = load_backbone(export)
@@ -147,7 +176,8 @@ eager = MMDiT(**kw)
 torch.manual_seed(0)
 with deferred_loading():
     deferred = defer_init(MMDiT, **kw)
-config = {"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+config = {"train_micro_batch_size_per_gpu": 1,
+          "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
 with deepspeed.zero.Init(config_dict_or_path=config):
     built, _ = materialize(deferred, partitioned=True)
 partitioned = all(hasattr(p, "ds_tensor") and p.data.numel() == 0 for p in built.parameters())
@@ -191,7 +221,8 @@ def test_zero3_stage2_loads_the_teacher_into_partitions(export: Path, tmp_path: 
     out = tmp_path / "zero_init_probe"
     single = train(tmp_path / "single", "restricted_meanflow", *teacher, "--trainer.accumulate_grad_batches", "2",
                    steps=2)
-    run = train(tmp_path / "zero3", "restricted_meanflow", *teacher, "--config", "configs/strategy/deepspeed_zero3.yaml",
+    run = train(tmp_path / "zero3", "restricted_meanflow", *teacher, "--config",
+                "configs/strategy/deepspeed_zero3.yaml",
                 zero_init_probe(out, export, ["teacher", "student", "ema"], "teacher"), devices=2, steps=2)
 
     model = load_backbone(export)

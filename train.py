@@ -14,6 +14,9 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from callbacks.divergence import DivergenceGuard
+from distributed.zero_init import builds_partitioned
+from models.io import defer_init, deferred_loading
+from models.mmdit import MMDiT
 
 # argparse (Python < 3.13) takes `-1e-3` for an option name because its negative-number pattern has no
 # exponent, so `--model.init_args.lr -1e-3` failed; this pattern (ints, decimals, exponents) fixes that.
@@ -27,10 +30,16 @@ class DisCaCLI(LightningCLI):
         # seed before the models are built, so that their initialisation is reproducible too
         if not self.parse_only:
             L.seed_everything(self.config.seed, workers=True)
+        # a backbone built from scratch is deferred too under ZeRO-3 (models.io.defer_init)
+        self.parser.add_instantiator(defer_init, MMDiT, subclasses=True)
 
     def instantiate_classes(self) -> None:
+        """Under DeepSpeed ZeRO-3 the stage is built deferred: `load_backbone` leaves the blocks on the meta
+        device, a new MMDiT all of its parameters, and `configure_model` builds them into the partitions
+        (distributed/zero_init.py)."""
         if not self.parse_only:  # parse_config(): validate types and class paths, build nothing
-            super().instantiate_classes()
+            with deferred_loading(builds_partitioned(self.config.trainer.strategy)):
+                super().instantiate_classes()
 
     def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
         parser = super().init_parser(**kwargs)

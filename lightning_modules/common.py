@@ -97,6 +97,15 @@ def adamw_warmup_cosine(params, lr: float, betas, weight_decay: float, warmup_st
 
 
 def freeze(module: nn.Module) -> nn.Module:
+    """The frozen network of stages 1-3 (teacher, DiT), in eval mode. A random network deferred by train.py
+    under ZeRO-3 (`models.io.defer_init`) is built whole here, as without ZeRO-3: the stages derive their
+    students and predictors from it at construction. (Exports, `load_backbone`, stay deferred.)"""
+    from models.io import DEFERRED_INIT, DEFERRED_WEIGHTS
+
+    if DEFERRED_INIT in module.__dict__ and DEFERRED_WEIGHTS not in module.__dict__:
+        from distributed.zero_init import materialize_in_place
+
+        materialize_in_place(module)
     module.requires_grad_(False)
     return module.eval()
 
@@ -210,6 +219,26 @@ def shard_modules(pl_module: L.LightningModule, modules: list[nn.Module],
             zero3_leaf_blocks(module)
 
 
+def materialize_deferred(pl_module: L.LightningModule, names: tuple[str, ...]) -> None:
+    """Replace each deferred network `pl_module.<name>` (built inside `models.io.deferred_loading()`, as
+    train.py does for DeepSpeed ZeRO-3) by the real one (`distributed.zero_init.materialize`): under ZeRO-3
+    partitioned at construction with each rank reading only its slice of the export (call from
+    `configure_model`, which Lightning runs inside `deepspeed.zero.Init`), under any other strategy whole.
+    Networks that are not deferred are left alone. Each rank's read counts are kept in
+    `pl_module.zero_init_stats[name]`."""
+    from distributed.strategies import strategy_kind, zero_stage
+    from distributed.zero_init import is_deferred, materialize
+
+    strategy = pl_module.trainer.strategy if pl_module._trainer is not None else None
+    partitioned = strategy_kind(strategy) == "deepspeed" and zero_stage(strategy) == 3
+    for name in names:
+        module = getattr(pl_module, name)
+        if is_deferred(module):
+            built, stats = materialize(module, partitioned)
+            setattr(pl_module, name, built)
+            pl_module.__dict__.setdefault("zero_init_stats", {})[name] = stats
+
+
 def is_deepspeed(pl_module: L.LightningModule) -> bool:
     from lightning.pytorch.strategies import DeepSpeedStrategy
 
@@ -279,8 +308,10 @@ class EMAStudentModule(L.LightningModule):
     ema: nn.Module
 
     def configure_model(self) -> None:
-        """Shard teacher, student and EMA for the strategy in use (`shard_modules`); per-block activation
-        checkpointing of the student when `activation_checkpointing` is set."""
+        """Materialise deferred networks (DeepSpeed ZeRO-3: partitioned at construction,
+        `materialize_deferred`), shard teacher, student and EMA for the strategy in use (`shard_modules`);
+        per-block activation checkpointing of the student when `activation_checkpointing` is set."""
+        materialize_deferred(self, ("teacher", "student", "ema"))
         checkpointed = [self.student] if self.hparams.get("activation_checkpointing") else []
         shard_modules(self, [self.teacher, self.student, self.ema], checkpointed)
         deepspeed_gradient_clipping(self, self.hparams.grad_clip)

@@ -15,8 +15,8 @@ from torch import nn
 
 from datamodules.latent_video import batch_text
 from lightning_modules.common import (adamw_warmup_cosine, deepspeed_gradient_clipping, drop_prompts, ema_decay_at,
-                                      ema_update, export_backbone, finite_or_raise, full_value, is_deepspeed, optimizer_stepped,
-                                      shard_generator, shard_modules)
+                                      ema_update, export_backbone, finite_or_raise, full_value, is_deepspeed,
+                                      materialize_deferred, optimizer_stepped, shard_generator, shard_modules)
 from losses.flow import flow_matching_loss, interpolate, sample_time
 from models.io import load_state
 from models.protocol import TextCond
@@ -77,8 +77,11 @@ class FlowMatchingModule(L.LightningModule):
         return loss
 
     def configure_model(self) -> None:
-        """Shard the backbone and its EMA for the strategy in use (FSDP2 per block, ZeRO-3; see `shard_modules`);
-        per-block activation checkpointing of the backbone when `activation_checkpointing` is set."""
+        """Materialise a deferred backbone and EMA (DeepSpeed ZeRO-3: partitioned at construction,
+        `materialize_deferred`), shard them for the strategy in use (FSDP2 per block, ZeRO-3; see
+        `shard_modules`); per-block activation checkpointing of the backbone when `activation_checkpointing`
+        is set."""
+        materialize_deferred(self, ("backbone", "ema"))
         shard_modules(self, [self.backbone, self.ema], [self.backbone] if self.hparams.activation_checkpointing else [])
         deepspeed_gradient_clipping(self, self.hparams.grad_clip)
 

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
 from distributed.strategies import check_stage_host
+from lightning_modules.common import materialize_deferred  # the ZeRO-3 start-up (distributed/zero_init.py)
 from lightning_modules.common import (check_guidance_range, deepspeed_gradient_clipping, finite_or_raise, freeze,
                                       gathered_state_dict, is_deepspeed, sample_guidance, shard_modules,
                                       step_generator)
@@ -174,6 +175,7 @@ class PredictorGANModule(L.LightningModule):
     def configure_model(self) -> None:
         """`activation_checkpointing`: the frozen DiT's blocks recompute in backward (the P step back-propagates
         through its features)."""
+        materialize_deferred(self, ("model",))  # DeepSpeed ZeRO-3: the frozen DiT loaded into its partitions
         shard_modules(self, [self.model], [self.model] if self.hparams.activation_checkpointing else [])
         deepspeed_gradient_clipping(self, self.hparams.grad_clip)  # P's, inside the engine
         if self.device_mesh is not None:

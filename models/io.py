@@ -5,13 +5,16 @@ stages load the previous stage's export by path. Nothing is unpickled.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -141,31 +144,128 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{cfg_path} is not valid JSON: {err}") from err
 
 
-def load_state(module: nn.Module, directory: str | os.PathLike) -> nn.Module:
-    """Load `model.safetensors` into `module`, failing clearly on missing, unexpected or misshapen keys."""
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} not found")
-    try:
-        state = load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for corrupt files
-        raise ValueError(f"cannot read {path}: {err}") from err
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+def _check_keys(path: Path, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
+    """Fail clearly on missing, unexpected or misshapen keys (name -> shape, file vs model)."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
     if missing or unexpected or wrong:
         detail = "; ".join(filter(None, [
             f"missing keys {missing[:5]}{'...' if len(missing) > 5 else ''}" if missing else "",
             f"unexpected keys {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}" if unexpected else "",
-            ", ".join(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong[:5]),
+            ", ".join(f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}" for k in wrong[:5]),
         ]))
         raise ValueError(f"checkpoint {path} does not match the model config: {detail}")
+
+
+def weights_path(directory: str | os.PathLike) -> Path:
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} not found")
+    return path
+
+
+def load_state(module: nn.Module, directory: str | os.PathLike) -> nn.Module:
+    """Load `model.safetensors` into `module`, failing clearly on missing, unexpected or misshapen keys.
+    A deferred `module` (parameters on the meta device) only checks the file and records it as the source
+    of those parameters (`distributed.zero_init.materialize` reads them)."""
+    path = weights_path(directory)
+    if DEFERRED_INIT in module.__dict__ or DEFERRED_WEIGHTS in module.__dict__:
+        with safe_open(str(path), framework="pt") as f:
+            _check_keys(path, {k: v.shape for k, v in module.state_dict().items()},
+                        {k: f.get_slice(k).get_shape() for k in f.keys()})
+        module.__dict__[DEFERRED_WEIGHTS] = str(path)
+        return module
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"cannot read {path}: {err}") from err
+    _check_keys(path, {k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in state.items()})
     module.load_state_dict(state)
     return module
 
 
+_DEFERRED = contextvars.ContextVar("deferred_loading", default=False)
+DEFERRED_WEIGHTS = "deferred_weights"  # attribute of a deferred backbone: the safetensors file of its meta parameters
+DEFERRED_INIT = "deferred_init"  # attribute of a deferred random backbone: (class, args, kwargs, CPU RNG state)
+
+
+@contextlib.contextmanager
+def deferred_loading(enabled: bool = True) -> Iterator[None]:
+    """Inside this context `load_backbone` returns deferred backbones (see `load_backbone_deferred`).
+    train.py enables it while it builds a stage that will run under DeepSpeed ZeRO-3."""
+    token = _DEFERRED.set(enabled)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def defer_init(cls: type[nn.Module], *args, **kwargs) -> nn.Module:
+    """`cls(*args, **kwargs)`; inside `deferred_loading()` with its parameters on the meta device instead,
+    and the call and the global CPU RNG state recorded so that `distributed.zero_init.materialize` replays
+    it partitioned, to the same values (train.py instantiates `models.mmdit.MMDiT` through this)."""
+    if not _DEFERRED.get():
+        return cls(*args, **kwargs)
+    from accelerate import init_empty_weights
+
+    rng = torch.get_rng_state()
+    with init_empty_weights(include_buffers=False):
+        module = cls(*args, **kwargs)
+    module.__dict__[DEFERRED_INIT] = (cls, args, kwargs, rng)
+    return module
+
+
 def load_backbone(directory: str | os.PathLike, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a backbone from `config.json` and load its safetensors weights."""
+    """Rebuild a backbone from `config.json` and load its safetensors weights (deferred inside
+    `deferred_loading()`)."""
+    if _DEFERRED.get():
+        return load_backbone_deferred(directory)
     model = build_backbone(read_config(directory))
     return load_state(model, directory).to(map_location)
+
+
+def load_backbone_deferred(directory: str | os.PathLike) -> nn.Module:
+    """A backbone whose transformer blocks (`shard_blocks()`, nearly all of its weights) are on the meta
+    device, holding no memory, and whose other parameters and buffers (embedders, head: small) are loaded.
+    The file is recorded in `deferred_weights`; `distributed.zero_init.materialize` later builds the
+    network partitioned under `deepspeed.zero.Init` and reads each rank's slice of every tensor from it.
+    Copies (`copy.deepcopy`) stay deferred, and methods that read only the loaded parts work on it (the
+    stages' `enable_guidance_embedding` / `enable_r_embedding` read the timestep embedder). A backbone
+    without per-block units is loaded eagerly."""
+    from accelerate import init_empty_weights
+
+    config = read_config(directory)
+    path = weights_path(directory)
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (e.g. RoPE tables) computed
+        model = build_backbone(config)
+    blocks = list(model.shard_blocks()) if hasattr(model, "shard_blocks") else []
+    if not blocks:
+        with deferred_loading(False):
+            return load_backbone(directory)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            _check_keys(path, {k: v.shape for k, v in model.state_dict().items()},
+                        {k: f.get_slice(k).get_shape() for k in f.keys()})
+            persistent_buffers = [(n, b) for n, b in model.named_buffers() if n in f.keys()]
+            for name, tensor in [*model.named_parameters(), *persistent_buffers]:
+                if id(tensor) not in in_blocks:
+                    _replace_tensor(model, name, f.get_tensor(name))
+    except ValueError:
+        raise
+    except Exception as err:  # safetensors' own error types for corrupt files
+        raise ValueError(f"cannot read {path}: {err}") from err
+    model.__dict__[DEFERRED_WEIGHTS] = str(path)
+    return model
+
+
+def _replace_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` in place of the (meta) parameter or buffer `name`, keeping requires_grad."""
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    old = getattr(owner, attr)
+    if isinstance(old, nn.Parameter):
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=old.requires_grad)
+    else:
+        owner._buffers[attr] = value

@@ -221,7 +221,8 @@ def load_backbone(directory: str | os.PathLike, map_location: str | torch.device
     `deferred_loading()`)."""
     if _DEFERRED.get():
         return load_backbone_deferred(directory)
-    model = build_backbone(read_config(directory))
+    with torch.random.fork_rng(devices=[]):  # the throw-away random init must not move the global RNG: layers a
+        model = build_backbone(read_config(directory))  # stage draws after loading get the same values as when deferred
     return load_state(model, directory).to(map_location)
 
 

@@ -107,6 +107,19 @@ def test_deferred_random_backbone_warm_started_or_used_as_a_teacher(tmp_path: Pa
         assert torch.equal(stage2.teacher.state_dict()[name], value), name
 
 
+def test_eager_and_deferred_loading_leave_the_global_rng_alike(export: Path) -> None:
+    """Layers a stage draws after loading an export (stage 1's guidance embedder, stage 3's P and D) get the
+    same values under every strategy: neither loader moves the global RNG."""
+    draws = []
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        with deferred_loading(deferred):
+            load_backbone(export)
+        draws.append(torch.randn(8))
+    torch.manual_seed(0)
+    assert torch.equal(draws[0], draws[1]) and torch.equal(draws[0], torch.randn(8))
+
+
 def test_materialize_partitioned_needs_zero_init(export: Path) -> None:
     with deferred_loading():
         deferred = load_backbone(export)

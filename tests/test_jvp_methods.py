@@ -158,3 +158,11 @@ def test_jvp_method_is_validated():
         dudt(torch.float32, "reverse")
     with pytest.raises(ValueError, match="fd_eps must be > 0"):
         dudt(torch.float32, "finite_difference", fd_eps=0.0)
+
+
+def test_func_jvp_with_fused_attention_is_refused_before_training():
+    from lightning_modules.meanflow import RestrictedMeanFlowModule
+
+    teacher = MMDiT(size="tiny", config={"guidance_embed": True})
+    with pytest.raises(ValueError, match="set jvp_attention: math, or use jvp_method: forward_ad"):
+        RestrictedMeanFlowModule(teacher, jvp_method="func", jvp_attention="sdpa")

@@ -64,7 +64,8 @@ def test_jvp_through_torch_func_is_refused_under_zero3(tmp_path: Path):
     from lightning_modules.meanflow import RestrictedMeanFlowModule
 
     torch.manual_seed(0)
-    module = RestrictedMeanFlowModule(MMDiT(size="tiny", config={"guidance_embed": True}), jvp_method="func")
+    module = RestrictedMeanFlowModule(MMDiT(size="tiny", config={"guidance_embed": True}), jvp_method="func",
+                                      jvp_attention="math")
     module._trainer = SimpleNamespace(strategy=zero3(memory_efficient_linear=False))
     with pytest.raises(ValueError, match=r"jvp_method 'func'.*use jvp_method: forward_ad"):
         module.setup("fit")

@@ -2,6 +2,7 @@
 resumed from its last checkpoint continues exactly like an uninterrupted run."""
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import lightning as L
@@ -38,6 +39,11 @@ def run(tmp: Path, data: Path, max_steps: int, recorder: Recorder, ckpt: str | N
     return cli
 
 
+def csv_losses(root: Path) -> dict[int, float]:
+    with open(root / "csv" / "metrics.csv", newline="") as file:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(file) if r.get("train/loss")}
+
+
 def test_smoke_config_writes_events_checkpoint_and_export(tmp_path):
     metrics = train.main(["--config", SMOKE, "--trainer.default_root_dir", str(tmp_path / "run"),
                           "--data.init_args.data_dir", str(tmp_path / "data")])
@@ -65,6 +71,11 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert [r[1] for r in stitched] == [r[1] for r in full.rows]  # same data order, across an epoch boundary
     torch.testing.assert_close(torch.tensor([r[2] for r in stitched]), torch.tensor([r[2] for r in full.rows]))
     assert cli_res.trainer.global_step == cli_full.trainer.global_step == 14
+    # the CSV training log survives the resume (Lightning's own CSVLogger deletes the file; the replacement of
+    # rows logged after the checkpoint is tested below)
+    full_log, resumed_log = csv_losses(tmp_path / "full"), csv_losses(tmp_path / "resumed")
+    assert resumed_log.keys() == full_log.keys() == {4, 9}  # logged every 5 steps, both before the resume
+    torch.testing.assert_close(torch.tensor(list(resumed_log.values())), torch.tensor(list(full_log.values())))
     opt_full, opt_res = cli_full.trainer.optimizers[0], cli_res.trainer.optimizers[0]
     for p_full, p_res in zip(cli_full.model.backbone.parameters(), cli_res.model.backbone.parameters()):
         torch.testing.assert_close(p_res, p_full)
@@ -104,3 +115,23 @@ def test_warm_start_from_export_loads_weights_and_rejects_a_mismatch(tmp_path):
         assert torch.equal(module.ema.state_dict()[name], value), name
     with pytest.raises(ValueError, match="does not match the model config"):
         FlowMatchingModule(MMDiT(size="tiny", config={"patch_size": (1, 2, 2)}), init_from=str(tmp_path / "export"))
+
+
+def test_resumable_csv_logger_keeps_earlier_rows_and_widens_the_header(tmp_path):
+    from callbacks.csv_log import ResumableCSVLogger
+
+    first = ResumableCSVLogger(tmp_path, name="csv", version="")
+    for step in range(6):
+        first.log_metrics({"loss": float(step)}, step=step)
+    first.save()
+    second = ResumableCSVLogger(tmp_path, name="csv", version="")  # a resume from a checkpoint at step 3
+    for step in range(4, 8):
+        second.log_metrics({"loss": 10.0 + step, "lr": 0.1}, step=step)
+    second.save()
+    second.log_metrics({"loss": 20.0}, step=8)
+    second.save()
+    with open(tmp_path / "csv" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(r["step"]) for r in rows] == list(range(9))
+    assert [float(r["loss"]) for r in rows] == [0, 1, 2, 3, 14, 15, 16, 17, 20]
+    assert [r["lr"] for r in rows] == [""] * 4 + ["0.1"] * 4 + [""]

@@ -226,11 +226,9 @@ def materialize_deferred(pl_module: L.LightningModule, names: tuple[str, ...]) -
     `configure_model`, which Lightning runs inside `deepspeed.zero.Init`), under any other strategy whole.
     Networks that are not deferred are left alone. Each rank's read counts are kept in
     `pl_module.zero_init_stats[name]`."""
-    from distributed.strategies import strategy_kind, zero_stage
-    from distributed.zero_init import is_deferred, materialize
+    from distributed.zero_init import builds_partitioned, is_deferred, materialize
 
-    strategy = pl_module.trainer.strategy if pl_module._trainer is not None else None
-    partitioned = strategy_kind(strategy) == "deepspeed" and zero_stage(strategy) == 3
+    partitioned = pl_module._trainer is not None and builds_partitioned(pl_module.trainer.strategy)
     for name in names:
         module = getattr(pl_module, name)
         if is_deferred(module):

@@ -46,10 +46,9 @@ from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
 from distributed.strategies import check_stage_host
-from lightning_modules.common import materialize_deferred  # the ZeRO-3 start-up (distributed/zero_init.py)
 from lightning_modules.common import (check_guidance_range, deepspeed_gradient_clipping, finite_or_raise, freeze,
-                                      gathered_state_dict, is_deepspeed, sample_guidance, shard_modules,
-                                      step_generator)
+                                      gathered_state_dict, is_deepspeed, materialize_deferred, sample_guidance,
+                                      shard_modules, step_generator)
 from losses.flow import expand_time, interpolate
 from losses.gan import discriminator_accuracy, hinge_d_loss, hinge_g_loss, prediction_mse, predictor_loss
 from losses.meanflow import check_restrict, sample_t_r

@@ -144,8 +144,10 @@ def read_config(directory: str | os.PathLike) -> dict:
         raise ValueError(f"{cfg_path} is not valid JSON: {err}") from err
 
 
-def _check_keys(path: Path, expected: dict[str, tuple], found: dict[str, tuple]) -> None:
-    """Fail clearly on missing, unexpected or misshapen keys (name -> shape, file vs model)."""
+def _check_keys(path: Path, module: nn.Module, found: dict[str, tuple]) -> None:
+    """Fail clearly on missing, unexpected or misshapen keys of the file `path` (`found`: name -> shape)
+    against `module`'s state dict."""
+    expected = {k: v.shape for k, v in module.state_dict().items()}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     wrong = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
@@ -156,6 +158,11 @@ def _check_keys(path: Path, expected: dict[str, tuple], found: dict[str, tuple])
             ", ".join(f"{k}: file {tuple(found[k])} vs model {tuple(expected[k])}" for k in wrong[:5]),
         ]))
         raise ValueError(f"checkpoint {path} does not match the model config: {detail}")
+
+
+def _file_shapes(f) -> dict[str, list[int]]:
+    """Name -> shape of every tensor of an open `safe_open` file, without reading any."""
+    return {k: f.get_slice(k).get_shape() for k in f.keys()}
 
 
 def weights_path(directory: str | os.PathLike) -> Path:
@@ -172,15 +179,14 @@ def load_state(module: nn.Module, directory: str | os.PathLike) -> nn.Module:
     path = weights_path(directory)
     if DEFERRED_INIT in module.__dict__ or DEFERRED_WEIGHTS in module.__dict__:
         with safe_open(str(path), framework="pt") as f:
-            _check_keys(path, {k: v.shape for k, v in module.state_dict().items()},
-                        {k: f.get_slice(k).get_shape() for k in f.keys()})
+            _check_keys(path, module, _file_shapes(f))
         module.__dict__[DEFERRED_WEIGHTS] = str(path)
         return module
     try:
         state = load_file(str(path))
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"cannot read {path}: {err}") from err
-    _check_keys(path, {k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in state.items()})
+    _check_keys(path, module, {k: v.shape for k, v in state.items()})
     module.load_state_dict(state)
     return module
 
@@ -247,8 +253,7 @@ def load_backbone_deferred(directory: str | os.PathLike) -> nn.Module:
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
     try:
         with safe_open(str(path), framework="pt") as f:
-            _check_keys(path, {k: v.shape for k, v in model.state_dict().items()},
-                        {k: f.get_slice(k).get_shape() for k in f.keys()})
+            _check_keys(path, model, _file_shapes(f))
             persistent_buffers = [(n, b) for n, b in model.named_buffers() if n in f.keys()]
             for name, tensor in [*model.named_parameters(), *persistent_buffers]:
                 if id(tensor) not in in_blocks:

@@ -34,6 +34,7 @@ from distributed.planner import HUNYUAN_VIDEO_13B  # noqa: E402
 from losses.meanflow import meanflow_dudt, meanflow_target  # noqa: E402
 from models.io import build_backbone  # noqa: E402
 from models.jvp import attention_jvp  # noqa: E402
+from models.layers import attention  # noqa: E402
 from models.protocol import TextCond  # noqa: E402
 
 TINY = dict(num_attention_heads=2, attention_head_dim=16, text_embed_dim=32, pooled_projection_dim=16,
@@ -55,16 +56,12 @@ def timed(fn, device: str, warmup: int, repeats: int) -> float:
     return statistics.median(times)
 
 
-def math_attention(q, k, v):
-    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
-
-
 def check_attention(args) -> None:
     gen = torch.Generator(device=args.device).manual_seed(0)
     heads, dim = args.heads, args.head_dim
     shape = (1, heads, args.check_tokens, dim)
     q, k, v, dq, dk, dv = (torch.randn(shape, generator=gen, device=args.device, dtype=torch.float64) for _ in range(6))
-    ref, ref_t = torch.func.jvp(math_attention, (q, k, v), (dq, dk, dv))
+    ref, ref_t = torch.func.jvp(lambda *qkv: attention(*qkv, None, "math"), (q, k, v), (dq, dk, dv))
     for dtype in (torch.float32, torch.bfloat16):
         out, tan = attention_jvp(*(x.to(dtype) for x in (q, k, v, dq, dk, dv)))
         err = ((out.double() - ref).abs().max() / ref.abs().max()).item()

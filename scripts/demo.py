@@ -124,6 +124,10 @@ def main(argv: list[str] | None = None) -> Path:
         for ev_cfg in cfg.get("extra_evaluations", []):
             collect(ROOT / cfg.collect_to / Path(ev_cfg.output_dir).name, ROOT / ev_cfg.output_dir,
                     ROOT / cfg.output_root, {}, marks)
+        if cfg.get("claims"):  # the paper's claims as verdicts with intervals: <collect_to>/claims.md
+            from evaluation.claims import write_claims
+            write_claims(ROOT / cfg.collect_to, ROOT / cfg.claims)
+            print(f"claims: {ROOT / cfg.collect_to / 'claims.md'}")
     print(f"\ndemo finished in {timings['total'] / 60:.1f} min\nreport: {report}\nlogs: {logs}")
     return report
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import evaluate
-from evaluation import efficiency, report
+from evaluation import claims, efficiency, report
 from evaluation.methods import (MethodSpec, MissingExport, ModelStore, check_available, disca_schedule,
                                 make_velocity)
 from models.io import save_backbone
@@ -127,6 +127,31 @@ def test_comparisons_are_paired_differences_with_verdicts(smoke):
     drop_disca = rows["disca_n2"]["semantic"] - rows["meanflow_4"]["semantic"]
     assert dd["a_value"] == pytest.approx(drop_fora, abs=1e-9) and dd["b_value"] == pytest.approx(drop_disca, abs=1e-9)
     assert dd["diff"][0] == pytest.approx(drop_fora - drop_disca, abs=1e-9) and dd["diff"][1] <= dd["diff"][2]
+
+
+def test_claims_on_the_evaluation_equal_its_comparisons(smoke, tmp_path):
+    """evaluation/claims.py on a real evaluation's files: the same paired differences as the report's."""
+    out, result, _ = smoke
+    config = tmp_path / "claims.yaml"
+    config.write_text(json.dumps({"claims": [
+        {"id": "learned", "claim": "learned beats reuse", "paper": "+2.9 %", "metric": "semantic",
+         "parts": [{"a": "disca_n2", "b": "disca_reuse"}]},
+        {"id": "drops", "claim": "FORA loses more than DisCa", "paper": "Figure 1", "metric": "semantic",
+         "parts": [{"a": "fora_n2", "b": "cfg_distilled_4", "c": "disca_n2", "d": "meanflow_4", "test": "less"}]},
+        {"id": "caches", "claim": "DisCa beats slower caches", "paper": "Table 2", "metric": "semantic",
+         "every_cache_at_or_below": "disca_n2"}]}))
+    learned, drops, caches = claims.write_claims(out, config)
+    for got in (learned, drops):
+        part = got["parts"][0]
+        want = next(c for c in result["comparisons"] if c["a"] == part["a"] and c["b"] == part["b"]
+                    and c.get("c") == part.get("c") and c["metric"] == "semantic")
+        assert part["diff"] == pytest.approx(want["diff"], abs=1e-5)
+        assert got["verdict"] == claims.verdict([part["result"]])
+    rows = {r["name"]: r for r in result["rows"]}  # every smoke cache is faster than DisCa N=2: nothing to compare
+    assert all(r["theoretical_speedup"] > rows["disca_n2"]["theoretical_speedup"] for r in rows.values()
+               if r["kind"] == "cache")
+    assert caches["parts"] == [] and caches["verdict"] == "inconclusive" and "no training-free cache" in caches["note"]
+    assert (out / "claims.md").read_text().count("\n| ") == 4  # header + 3 claims (separator row is "|---")
 
 
 @pytest.mark.parametrize("args, match", [

@@ -1,0 +1,218 @@
+"""The paper's claims as verdicts with intervals, read from an evaluation's committed outputs.
+
+    python -m evaluation.claims --results results/reproduction --config configs/claims.yaml
+
+reads `<results>/<source>/results.json` (the rows, their theoretical speedups and the bootstrap settings)
+and `<results>/<source>/per_video.csv` (every method's per-video scores), tests every claim of the config
+(`configs/claims.yaml` documents the tests) and writes `<results>/claims.md` (the README's claims table plus
+every part's numbers) and `<results>/claims.json`. Each part is a paired difference on the same prompts and
+noise, resampled with the evaluation's own bootstrap indices, so it equals the report's comparison of the
+same pair (up to per_video.csv's six significant digits).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from evaluation import stats
+from evaluation.report import _scale, _table, fmt_diff
+
+TESTS = ("greater", "less", "within")
+VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+
+
+def read_per_video(path: Path) -> dict[str, dict[str, np.ndarray]]:
+    """per_video.csv -> {method: {metric: (P, S) array}} (prompts x seeds, as the evaluator drew them)."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: claims are tested on an evaluation's per-video scores "
+                                "(evaluate.py writes per_video.csv into its output_dir)")
+    cells: dict[str, dict[str, dict[tuple[int, int], float]]] = defaultdict(lambda: defaultdict(dict))
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            key = (int(row["prompt"]), int(row["seed_index"]))
+            for metric, value in row.items():
+                if metric not in ("method", "prompt", "seed_index") and value != "":
+                    cells[row["method"]][metric][key] = float(value)
+    out = {}
+    for method, metrics in cells.items():
+        out[method] = {}
+        for metric, values in metrics.items():
+            num_p = max(p for p, _ in values) + 1
+            num_s = max(s for _, s in values) + 1
+            if len(values) != num_p * num_s:
+                raise ValueError(f"{path}: {method}/{metric} has {len(values)} videos, not prompts x seeds "
+                                 f"({num_p} x {num_s})")
+            matrix = np.empty((num_p, num_s))
+            for (p, s), v in values.items():
+                matrix[p, s] = v
+            out[method][metric] = matrix
+    return out
+
+
+def _side(diff: list[float], test: str, bound: float) -> str:
+    """'supported' / 'contradicted' / 'open' for the interval [low, high] of a difference against `bound`."""
+    _, low, high = diff
+    if test == "less":
+        return "supported" if high < bound else "contradicted" if low > bound else "open"
+    return "supported" if low > bound else "contradicted" if high < bound else "open"
+
+
+def check_part(part: dict, metric: str, per_video: dict, rows: dict, indices: np.ndarray, level: float) -> dict:
+    """One paired difference of a claim, its interval and whether it supports the claim."""
+    test = part.get("test", "greater")
+    if test not in TESTS:
+        raise ValueError(f"claim part {part}: test must be one of {TESTS}, got {test!r}")
+    names = [part[k] for k in ("a", "b", "c", "d") if part.get(k) is not None]
+    missing = [n for n in names if n not in per_video or metric not in per_video[n]]
+    if missing:
+        raise KeyError(f"claim part {part}: no per-video {metric!r} scores for {missing}; methods evaluated: "
+                       f"{sorted(per_video)}")
+    a, b = per_video[part["a"]][metric], per_video[part["b"]][metric]
+    first, second = a, b
+    if part.get("c") is not None:
+        first, second = a - b, per_video[part["c"]][metric] - per_video[part["d"]][metric]
+    diff = stats.paired_difference(first, second, indices, level).as_list()
+    b_mean = float(second.mean())
+    bound = -part["margin"] * abs(b_mean) if test == "within" else 0.0
+    out = {**part, "test": test, "metric": metric, "a_value": float(first.mean()), "b_value": b_mean, "diff": diff,
+           "bound": bound, "result": _side(diff, test, bound)}
+    if part.get("min_theoretical_speedup") is not None:
+        speed = rows[part["a"]]["theoretical_speedup"]
+        out["theoretical_speedup"] = speed
+        if speed < part["min_theoretical_speedup"]:
+            out["result"] = "contradicted"
+    return out
+
+
+def expand(claim: dict, rows: dict) -> list[dict]:
+    """The claim's parts; `every_cache_at_or_below: A` becomes A > cache for every cache row at or below A's
+    theoretical speedup."""
+    parts = list(claim.get("parts", []))
+    if claim.get("every_cache_at_or_below"):
+        a = claim["every_cache_at_or_below"]
+        if a not in rows:
+            raise KeyError(f"claim {claim['id']}: {a!r} is not a method of the evaluation ({sorted(rows)})")
+        caches = [r for r in rows.values() if r["kind"] == "cache"
+                  and r["theoretical_speedup"] <= rows[a]["theoretical_speedup"]]
+        parts += [{"a": a, "b": r["name"], "test": "greater"} for r in caches]
+    if not parts and not claim.get("every_cache_at_or_below"):
+        raise ValueError(f"claim {claim['id']} has no parts to test (give `parts` or `every_cache_at_or_below`)")
+    return parts
+
+
+def verdict(results: list[str]) -> str:
+    if all(r == "supported" for r in results):
+        return "reproduced"
+    if any(r == "contradicted" for r in results):
+        return "not reproduced"
+    return "inconclusive"
+
+
+def load_source(directory: Path) -> tuple[dict, dict, np.ndarray, float]:
+    """rows by name, per-video scores and the evaluation's bootstrap indices and level."""
+    path = directory / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: run the evaluation first (make reproduce writes "
+                                "results/reproduction/results.json and figure1/results.json)")
+    data = json.loads(path.read_text())
+    rows = {r["name"]: r for r in data["methods"]}
+    per_video = read_per_video(directory / "per_video.csv")
+    boot = data["meta"]["bootstrap"]
+    num_prompts = data["meta"]["num_videos"]
+    indices = stats.resample_indices(num_prompts, boot["resamples"], boot["seed"])
+    return rows, per_video, indices, boot["level"]
+
+
+def evaluate_claims(results_dir: Path, claims: list[dict]) -> list[dict]:
+    sources: dict[str, tuple] = {}
+    out = []
+    for claim in claims:
+        source = claim.get("source", ".")
+        if source not in sources:
+            sources[source] = load_source(results_dir / source)
+        rows, per_video, indices, level = sources[source]
+        parts = [check_part(p, claim["metric"], per_video, rows, indices, level) for p in expand(claim, rows)]
+        entry = {**{k: v for k, v in claim.items() if k != "parts"}, "source": source, "parts": parts,
+                 "verdict": verdict([p["result"] for p in parts]) if parts else "inconclusive"}
+        if not parts:  # every_cache_at_or_below found no cache as slow as A: nothing to compare at equal speed
+            a = claim["every_cache_at_or_below"]
+            entry["note"] = (f"no training-free cache at or below the theoretical speedup of {a} "
+                             f"({rows[a]['theoretical_speedup']:.2f}x)")
+        out.append(entry)
+    return out
+
+
+def _part_text(part: dict, labels: dict[str, str]) -> str:
+    name = lambda k: labels.get(part[k], part[k])  # noqa: E731
+    if part.get("c") is not None:
+        pair = f"({name('a')} − {name('b')}) − ({name('c')} − {name('d')})"
+    else:
+        pair = f"{name('a')} − {name('b')}"
+    text = f"{pair}: {fmt_diff(part['diff'], part['metric'])}"
+    if part["test"] == "within":
+        text += f" (bound {_scale(part['metric']) * part['bound']:+.1f})"
+    if "theoretical_speedup" in part:
+        text += f"; {part['theoretical_speedup']:.2f}x theoretical (needs >= {part['min_theoretical_speedup']:g}x)"
+    return text
+
+
+def claims_markdown(claims: list[dict], labels: dict[str, str], header_note: str = "") -> str:
+    """The README's claims table (one row per claim) and, below it, every part with its methods."""
+    body = []
+    for c in claims:
+        scale = _scale(c["metric"])
+        ours = "; ".join(_part_text(p, labels) for p in c["parts"]) if len(c["parts"]) == 1 else (
+            f"{len(c['parts'])} paired differences, see below" if c["parts"] else c["note"])
+        if len(c["parts"]) == 1 and c["parts"][0].get("c") is None:
+            p = c["parts"][0]
+            ours = f"{scale * p['a_value']:.1f} vs {scale * p['b_value']:.1f}, Δ {fmt_diff(p['diff'], c['metric'])}"
+            if "theoretical_speedup" in p:
+                ours += f"; {p['theoretical_speedup']:.2f}x theoretical"
+        body.append([c["claim"], c["paper"], f"{c['metric']}: {ours}", f"**{c['verdict']}**"])
+    lines = ["| Claim of the paper | Paper | Ours (95 % interval) | Verdict |", "|---|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    detail = []
+    for c in claims:
+        detail.append(f"- **{c['id']}** ({c['metric']}, source `{c['source']}/per_video.csv`): {c['verdict']}")
+        detail += [f"  - {_part_text(p, labels)} → {p['result']}" for p in c["parts"]] or [f"  - {c['note']}"]
+    return "\n".join([header_note, "", *lines, "", "Every part (Δ in points; a within-test's bound is "
+                      "−margin × B):", "", *detail, ""]).lstrip()
+
+
+def write_claims(results_dir: Path, config: Path) -> list[dict]:
+    spec = yaml.safe_load(config.read_text()) or {}
+    if not spec.get("claims"):
+        raise ValueError(f"{config} lists no claims (expected a top-level `claims:` list)")
+    claims = evaluate_claims(results_dir, spec["claims"])
+    labels = {}
+    for source in {c["source"] for c in claims}:
+        data = json.loads((results_dir / source / "results.json").read_text())
+        labels |= {r["name"]: r["label"] for r in data["methods"]}
+    machine = results_dir / "machine.json"
+    commit = json.loads(machine.read_text()).get("commit") if machine.exists() else None
+    note = (f"Claims of the paper tested on `{results_dir}` ({config}; evaluation commit {commit or 'unknown'}). "
+            "Reproduced = every paired difference's 95 % interval on the claimed side; not reproduced = one "
+            "on the other side; inconclusive = an interval that contains the claimed boundary.")
+    (results_dir / "claims.md").write_text(claims_markdown(claims, labels, note))
+    (results_dir / "claims.json").write_text(json.dumps(claims, indent=1, default=float))
+    return claims
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", required=True, type=Path, help="directory with results.json and per_video.csv")
+    p.add_argument("--config", default=Path("configs/claims.yaml"), type=Path)
+    args = p.parse_args(argv)
+    claims = write_claims(args.results, args.config)
+    print((args.results / "claims.md").read_text())
+    return claims
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""evaluation/claims.py: the paper's claims as verdicts from per-video scores with known effects, the
+per_video.csv round trip, and configs/claims.yaml naming only methods the evaluation configs define.
+(The cross-check against a real evaluation's report is in tests/test_evaluate.py.)"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from evaluation import claims, report, stats
+
+P, S = 40, 2
+INDICES = stats.resample_indices(P, 500, 0)
+
+
+def scores(**methods: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    return {name: {"semantic": values} for name, values in methods.items()}
+
+
+@pytest.fixture
+def base():
+    return np.random.default_rng(0).uniform(0.3, 0.7, size=(P, S))
+
+
+def part_result(part, per_video, rows=None):
+    return claims.check_part(part, "semantic", per_video, rows or {}, INDICES, 0.95)
+
+
+def test_greater_less_and_zero_effects(base):
+    alternating = np.where(np.arange(P)[:, None] % 2 == 0, 0.1, -0.1) * np.ones((1, S))  # mean exactly 0
+    pv = scores(b=base, better=base + 0.05, worse=base - 0.05, same=base + alternating)
+    assert part_result({"a": "better", "b": "b"}, pv)["result"] == "supported"
+    assert part_result({"a": "worse", "b": "b"}, pv)["result"] == "contradicted"
+    same = part_result({"a": "same", "b": "b"}, pv)
+    assert same["result"] == "open" and same["diff"][1] < 0 < same["diff"][2]
+    assert part_result({"a": "worse", "b": "b", "test": "less"}, pv)["result"] == "supported"
+    assert part_result({"a": "better", "b": "b", "test": "less"}, pv)["result"] == "contradicted"
+    assert claims.verdict(["supported", "supported"]) == "reproduced"
+    assert claims.verdict(["supported", "open"]) == "inconclusive"
+    assert claims.verdict(["open", "contradicted"]) == "not reproduced"
+
+
+def test_within_margin_is_relative_to_b(base):
+    pv = scores(b=base, close=base - 0.005, far=base - 0.05)  # margin 3 % of ~0.5 = 0.015
+    close = part_result({"a": "close", "b": "b", "test": "within", "margin": 0.03}, pv)
+    assert close["bound"] == pytest.approx(-0.03 * base.mean()) and close["result"] == "supported"
+    assert close["diff"][0] == pytest.approx(-0.005)
+    assert part_result({"a": "far", "b": "b", "test": "within", "margin": 0.03}, pv)["result"] == "contradicted"
+
+
+def test_difference_of_differences(base):
+    # the cache loses 0.10 on the distilled model and 0.02 on the teacher: the first drop is larger
+    pv = scores(d=base, d_cache=base - 0.10, t=base + 0.1, t_cache=base + 0.08)
+    part = part_result({"a": "d_cache", "b": "d", "c": "t_cache", "d": "t", "test": "less"}, pv)
+    assert part["diff"][0] == pytest.approx(-0.08) and part["result"] == "supported"
+    assert part["a_value"] == pytest.approx(-0.10) and part["b_value"] == pytest.approx(-0.02)
+
+
+def test_theoretical_speedup_threshold_overrules_the_interval(base):
+    pv = scores(disca=base, rmf=base)
+    rows = {"disca": {"theoretical_speedup": 10.5}}
+    part = {"a": "disca", "b": "rmf", "test": "within", "margin": 0.02, "min_theoretical_speedup": 11.0}
+    assert part_result(part, pv, rows)["result"] == "contradicted"
+    rows["disca"]["theoretical_speedup"] = 11.6
+    assert part_result(part, pv, rows)["result"] == "supported"
+
+
+def test_every_cache_at_or_below_expands_to_the_slower_caches():
+    rows = {"disca": {"name": "disca", "kind": "disca", "theoretical_speedup": 11.8},
+            "fora": {"name": "fora", "kind": "cache", "theoretical_speedup": 4.3},
+            "pab_fast": {"name": "pab_fast", "kind": "cache", "theoretical_speedup": 14.0},
+            "rmf": {"name": "rmf", "kind": "meanflow", "theoretical_speedup": 5.0}}
+    parts = claims.expand({"id": "x", "every_cache_at_or_below": "disca"}, rows)
+    assert parts == [{"a": "disca", "b": "fora", "test": "greater"}]
+    with pytest.raises(KeyError, match="'nope' is not a method"):
+        claims.expand({"id": "x", "every_cache_at_or_below": "nope"}, rows)
+    with pytest.raises(ValueError, match="claim x has no parts"):
+        claims.expand({"id": "x"}, rows)
+
+
+def test_bad_parts_name_the_problem(base):
+    pv = scores(b=base, a=base)
+    with pytest.raises(KeyError, match=r"no per-video 'semantic' scores for \['ghost'\]"):
+        part_result({"a": "ghost", "b": "b"}, pv)
+    with pytest.raises(ValueError, match="test must be one of"):
+        part_result({"a": "a", "b": "b", "test": "bigger"}, pv)
+
+
+def test_per_video_csv_round_trip_and_claims_files(tmp_path, base):
+    rng = np.random.default_rng(1)
+    flat = {name: {"semantic": rng.integers(0, 4, size=P * S) / 3, "total": rng.uniform(0, 1, P * S)}
+            for name in ("m1", "m2")}
+    report.write_per_video(flat, P, tmp_path / "per_video.csv")
+    back = claims.read_per_video(tmp_path / "per_video.csv")
+    for name, metrics in flat.items():
+        for key, values in metrics.items():
+            np.testing.assert_allclose(back[name][key], stats.prompt_matrix(values, P), rtol=1e-5)
+    rows = [{"name": n, "label": n.upper(), "kind": "meanflow", "theoretical_speedup": 1.0} for n in flat]
+    report.write_json({"meta": {"num_videos": P, "bootstrap": {"resamples": 300, "level": 0.95, "seed": 3}},
+                       "methods": rows}, tmp_path / "results.json")
+    config = tmp_path / "claims.yaml"
+    config.write_text(yaml.safe_dump({"claims": [{"id": "c1", "claim": "M1 beats M2", "paper": "+1", "metric": "total",
+                                                  "parts": [{"a": "m1", "b": "m2"}]}]}))
+    (result,) = claims.write_claims(tmp_path, config)
+    expected = stats.paired_difference(back["m1"]["total"], back["m2"]["total"], stats.resample_indices(P, 300, 3))
+    assert result["parts"][0]["diff"] == pytest.approx(expected.as_list())
+    assert result["verdict"] == claims.verdict([result["parts"][0]["result"]])
+    text = (tmp_path / "claims.md").read_text()
+    assert "| M1 beats M2 | +1 | total: " in text and f"**{result['verdict']}**" in text and "M1 − M2" in text
+    assert json.loads((tmp_path / "claims.json").read_text())[0]["id"] == "c1"
+    with pytest.raises(FileNotFoundError, match="figure1/results.json does not exist"):
+        claims.evaluate_claims(tmp_path, [{"id": "f", "metric": "semantic", "source": "figure1",
+                                           "parts": [{"a": "m1", "b": "m2"}]}])
+
+
+def test_shipped_claims_name_methods_of_the_evaluation_configs():
+    spec = yaml.safe_load(open("configs/claims.yaml"))
+    methods = {}
+    for source, config in ((".", "configs/evaluate.yaml"), ("figure1", "configs/evaluate_figure1.yaml")):
+        methods[source] = {m["name"] for m in yaml.safe_load(open(config))["methods"]}
+    assert len(spec["claims"]) == 9  # the nine claims of issue 14, item 5
+    for c in spec["claims"]:
+        known = methods[c.get("source", ".")]
+        assert c["metric"] in report.COMPARABLE_KEYS and c["claim"] and c["paper"]
+        for p in c.get("parts", []):
+            assert {p[k] for k in "abcd" if p.get(k)} <= known, c["id"]
+            assert p.get("test", "greater") in claims.TESTS
+        if c.get("every_cache_at_or_below"):
+            assert c["every_cache_at_or_below"] in known

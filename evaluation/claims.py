@@ -101,8 +101,6 @@ def expand(claim: dict, rows: dict) -> list[dict]:
         caches = [r for r in rows.values() if r["kind"] == "cache"
                   and r["theoretical_speedup"] <= rows[a]["theoretical_speedup"]]
         parts += [{"a": a, "b": r["name"], "test": "greater"} for r in caches]
-    if not parts and not claim.get("every_cache_at_or_below"):
-        raise ValueError(f"claim {claim['id']} has no parts to test (give `parts` or `every_cache_at_or_below`)")
     return parts
 
 
@@ -185,11 +183,33 @@ def claims_markdown(claims: list[dict], labels: dict[str, str], header_note: str
                       "−margin × B):", "", *detail, ""]).lstrip()
 
 
-def write_claims(results_dir: Path, config: Path) -> list[dict]:
-    spec = yaml.safe_load(config.read_text()) or {}
+REQUIRED = ("id", "claim", "paper", "metric")
+
+
+def load_config(config: Path) -> list[dict]:
+    """The claims of a config file, checked before any score is read: every field present, every test known."""
+    spec = yaml.safe_load(Path(config).read_text()) or {}
     if not spec.get("claims"):
         raise ValueError(f"{config} lists no claims (expected a top-level `claims:` list)")
-    claims = evaluate_claims(results_dir, spec["claims"])
+    for claim in spec["claims"]:
+        missing = [k for k in REQUIRED if not claim.get(k)]
+        if missing:
+            raise ValueError(f"{config}: claim {claim.get('id', claim)} lacks {missing} (each claim needs {REQUIRED})")
+        if not claim.get("parts") and not claim.get("every_cache_at_or_below"):
+            raise ValueError(f"{config}: claim {claim['id']} has no parts to test (give `parts` or "
+                             "`every_cache_at_or_below`)")
+        for part in claim.get("parts", []):
+            if not part.get("a") or not part.get("b") or (part.get("c") is None) != (part.get("d") is None):
+                raise ValueError(f"{config}: claim {claim['id']}: part {part} needs a and b (and c with d)")
+            if part.get("test", "greater") not in TESTS:
+                raise ValueError(f"{config}: claim {claim['id']}: test must be one of {TESTS}, got {part['test']!r}")
+            if part.get("test") == "within" and not part.get("margin"):
+                raise ValueError(f"{config}: claim {claim['id']}: a `within` part needs a margin (e.g. 0.03)")
+    return spec["claims"]
+
+
+def write_claims(results_dir: Path, config: Path) -> list[dict]:
+    claims = evaluate_claims(results_dir, load_config(config))
     labels = {}
     for source in {c["source"] for c in claims}:
         data = json.loads((results_dir / source / "results.json").read_text())

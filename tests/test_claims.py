@@ -76,8 +76,6 @@ def test_every_cache_at_or_below_expands_to_the_slower_caches():
     assert parts == [{"a": "disca", "b": "fora", "test": "greater"}]
     with pytest.raises(KeyError, match="'nope' is not a method"):
         claims.expand({"id": "x", "every_cache_at_or_below": "nope"}, rows)
-    with pytest.raises(ValueError, match="claim x has no parts"):
-        claims.expand({"id": "x"}, rows)
 
 
 def test_bad_parts_name_the_problem(base):
@@ -115,8 +113,29 @@ def test_per_video_csv_round_trip_and_claims_files(tmp_path, base):
                                            "parts": [{"a": "m1", "b": "m2"}]}])
 
 
+@pytest.mark.parametrize("claim, match", [
+    ({"id": "x", "claim": "c", "paper": "p"}, r"claim x lacks \['metric'\]"),
+    ({"id": "x", "claim": "c", "paper": "p", "metric": "semantic"}, "claim x has no parts"),
+    ({"id": "x", "claim": "c", "paper": "p", "metric": "semantic", "parts": [{"a": "m"}]}, "needs a and b"),
+    ({"id": "x", "claim": "c", "paper": "p", "metric": "semantic", "parts": [{"a": "m", "b": "n", "c": "o"}]},
+     "needs a and b"),
+    ({"id": "x", "claim": "c", "paper": "p", "metric": "semantic", "parts": [{"a": "m", "b": "n", "test": "more"}]},
+     "test must be one of"),
+    ({"id": "x", "claim": "c", "paper": "p", "metric": "semantic", "parts": [{"a": "m", "b": "n", "test": "within"}]},
+     "needs a margin"),
+])
+def test_bad_config_is_refused_before_any_score_is_read(tmp_path, claim, match):
+    config = tmp_path / "claims.yaml"
+    config.write_text(yaml.safe_dump({"claims": [claim]}))
+    with pytest.raises(ValueError, match=match):
+        claims.write_claims(tmp_path / "no_results_here", config)
+    config.write_text("other: 1\n")
+    with pytest.raises(ValueError, match="lists no claims"):
+        claims.load_config(config)
+
+
 def test_shipped_claims_name_methods_of_the_evaluation_configs():
-    spec = yaml.safe_load(open("configs/claims.yaml"))
+    spec = {"claims": claims.load_config("configs/claims.yaml")}
     methods = {}
     for source, config in ((".", "configs/evaluate.yaml"), ("figure1", "configs/evaluate_figure1.yaml")):
         methods[source] = {m["name"] for m in yaml.safe_load(open(config))["methods"]}

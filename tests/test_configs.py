@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 import evaluate
 import train
+from evaluation import claims
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -24,6 +25,8 @@ def kind(path: Path) -> str:
         return "evaluate"
     if "stages" in keys:
         return "demo"
+    if keys == {"claims"}:
+        return "claims"  # the paper's claims for evaluation/claims.py (methods checked in tests/test_claims.py)
     if path.parent.name == "strategy" and keys == {"trainer"}:
         return "strategy"  # a preset added as a second --config (tests/test_strategy_errors.py parses them)
     return "unknown"
@@ -50,6 +53,8 @@ def test_config_parses(path: Path, tmp_path):
         moved = evaluate.build_parser().parse_args(["--config", str(path), "--teacher", str(tmp_path / "t")])
         for before, after in zip(cfg.methods, moved.methods):
             assert after.model == (str(tmp_path / "t") if before.model == cfg.teacher else before.model)
+    elif k == "claims":
+        assert claims.load_config(path)
     elif k == "strategy":  # composes with a stage config (every stage x preset: tests/test_strategy_errors.py)
         cfg = train.parse_config(["--config", str(ROOT / "configs/smoke/cfg_distill.yaml"), "--config", str(path),
                                   "--trainer.default_root_dir", str(tmp_path)])

@@ -24,7 +24,7 @@ from evaluation import stats
 from evaluation.report import _scale, _table, fmt_diff
 
 TESTS = ("greater", "less", "within")
-VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not tested")
 
 
 def read_per_video(path: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -112,8 +112,8 @@ def verdict(results: list[str]) -> str:
     return "inconclusive"
 
 
-def load_source(directory: Path) -> tuple[dict, dict, np.ndarray, float]:
-    """rows by name, per-video scores and the evaluation's bootstrap indices and level."""
+def load_source(directory: Path) -> tuple[dict, dict, np.ndarray, float, dict]:
+    """rows by name, per-video scores, the evaluation's bootstrap indices and level, and what it skipped."""
     path = directory / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the evaluation first (make reproduce writes "
@@ -124,7 +124,7 @@ def load_source(directory: Path) -> tuple[dict, dict, np.ndarray, float]:
     boot = data["meta"]["bootstrap"]
     num_prompts = data["meta"]["num_videos"]
     indices = stats.resample_indices(num_prompts, boot["resamples"], boot["seed"])
-    return rows, per_video, indices, boot["level"]
+    return rows, per_video, indices, boot["level"], data.get("skipped") or {}
 
 
 def evaluate_claims(results_dir: Path, claims: list[dict]) -> list[dict]:
@@ -134,10 +134,17 @@ def evaluate_claims(results_dir: Path, claims: list[dict]) -> list[dict]:
         source = claim.get("source", ".")
         if source not in sources:
             sources[source] = load_source(results_dir / source)
-        rows, per_video, indices, level = sources[source]
+        rows, per_video, indices, level, skipped = sources[source]
+        entry = {k: v for k, v in claim.items() if k != "parts"} | {"source": source}
+        names = {p[k] for p in claim.get("parts", []) for k in "abcd" if p.get(k)}
+        names |= {claim["every_cache_at_or_below"]} if claim.get("every_cache_at_or_below") else set()
+        not_run = sorted(n for n in names if n in skipped)
+        if not_run:  # the evaluation skipped a method (skip_missing): the claim is not tested, not an error
+            out.append(entry | {"parts": [], "verdict": "not tested",
+                                "note": "; ".join(f"{n} skipped by the evaluation: {skipped[n]}" for n in not_run)})
+            continue
         parts = [check_part(p, claim["metric"], per_video, rows, indices, level) for p in expand(claim, rows)]
-        entry = {**{k: v for k, v in claim.items() if k != "parts"}, "source": source, "parts": parts,
-                 "verdict": verdict([p["result"] for p in parts]) if parts else "inconclusive"}
+        entry |= {"parts": parts, "verdict": verdict([p["result"] for p in parts]) if parts else "inconclusive"}
         if not parts:  # every_cache_at_or_below found no cache as slow as A: nothing to compare at equal speed
             a = claim["every_cache_at_or_below"]
             entry["note"] = (f"no training-free cache at or below the theoretical speedup of {a} "
@@ -165,9 +172,13 @@ def claims_markdown(claims: list[dict], labels: dict[str, str], header_note: str
     body = []
     for c in claims:
         scale = _scale(c["metric"])
-        ours = "; ".join(_part_text(p, labels) for p in c["parts"]) if len(c["parts"]) == 1 else (
-            f"{len(c['parts'])} paired differences, see below" if c["parts"] else c["note"])
-        if len(c["parts"]) == 1 and c["parts"][0].get("c") is None:
+        if not c["parts"]:  # not tested, or no cache to compare with
+            ours = c["note"]
+        elif len(c["parts"]) > 1:
+            ours = f"{len(c['parts'])} paired differences, see below"
+        elif c["parts"][0].get("c") is not None:  # a difference of differences
+            ours = _part_text(c["parts"][0], labels)
+        else:
             p = c["parts"][0]
             ours = f"{scale * p['a_value']:.1f} vs {scale * p['b_value']:.1f}, Δ {fmt_diff(p['diff'], c['metric'])}"
             if "theoretical_speedup" in p:
@@ -218,7 +229,8 @@ def write_claims(results_dir: Path, config: Path) -> list[dict]:
     commit = json.loads(machine.read_text()).get("commit") if machine.exists() else None
     note = (f"Claims of the paper tested on `{results_dir}` ({config}; evaluation commit {commit or 'unknown'}). "
             "Reproduced = every paired difference's 95 % interval on the claimed side; not reproduced = one "
-            "on the other side; inconclusive = an interval that contains the claimed boundary.")
+            "on the other side; inconclusive = an interval that contains the claimed boundary; not tested = a "
+            "method the claim needs was skipped by the evaluation.")
     (results_dir / "claims.md").write_text(claims_markdown(claims, labels, note))
     (results_dir / "claims.json").write_text(json.dumps(claims, indent=1, default=float))
     return claims

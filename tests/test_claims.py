@@ -108,6 +108,13 @@ def test_per_video_csv_round_trip_and_claims_files(tmp_path, base):
     text = (tmp_path / "claims.md").read_text()
     assert "| M1 beats M2 | +1 | total: " in text and f"**{result['verdict']}**" in text and "M1 − M2" in text
     assert json.loads((tmp_path / "claims.json").read_text())[0]["id"] == "c1"
+    # a method the evaluation skipped (skip_missing) leaves its claim "not tested", with the reason
+    data = json.loads((tmp_path / "results.json").read_text()) | {"skipped": {"m3": "no export at outputs/x"}}
+    report.write_json(data, tmp_path / "results.json")
+    (skipped,) = claims.evaluate_claims(tmp_path, [{"id": "s", "metric": "total", "parts": [{"a": "m1", "b": "m3"}]}])
+    assert skipped["verdict"] == "not tested" and "m3 skipped by the evaluation: no export" in skipped["note"]
+    with pytest.raises(KeyError, match=r"no per-video 'total' scores for \['m4'\]"):  # neither run nor skipped
+        claims.evaluate_claims(tmp_path, [{"id": "t", "metric": "total", "parts": [{"a": "m1", "b": "m4"}]}])
     with pytest.raises(FileNotFoundError, match="figure1/results.json does not exist"):
         claims.evaluate_claims(tmp_path, [{"id": "f", "metric": "semantic", "source": "figure1",
                                            "parts": [{"a": "m1", "b": "m2"}]}])

@@ -146,7 +146,7 @@ def test_claims_on_the_evaluation_equal_its_comparisons(smoke, tmp_path):
         want = next(c for c in result["comparisons"] if c["a"] == part["a"] and c["b"] == part["b"]
                     and c.get("c") == part.get("c") and c["metric"] == "semantic")
         assert part["diff"] == pytest.approx(want["diff"], abs=1e-5)
-        assert got["verdict"] == claims.verdict([part["result"]])
+        assert got["verdict"] == claims.verdict([part["result"]]) and got["verdict"] in claims.VERDICTS
     rows = {r["name"]: r for r in result["rows"]}  # every smoke cache is faster than DisCa N=2: nothing to compare
     assert all(r["theoretical_speedup"] > rows["disca_n2"]["theoretical_speedup"] for r in rows.values()
                if r["kind"] == "cache")

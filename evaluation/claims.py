@@ -6,8 +6,8 @@ reads `<results>/<source>/results.json` (the rows, their theoretical speedups an
 and `<results>/<source>/per_video.csv` (every method's per-video scores), tests every claim of the config
 (`configs/claims.yaml` documents the tests) and writes `<results>/claims.md` (the README's claims table plus
 every part's numbers) and `<results>/claims.json`. Each part is a paired difference on the same prompts and
-noise, resampled with the evaluation's own bootstrap indices, so it equals the report's comparison of the
-same pair (up to per_video.csv's six significant digits).
+noise, computed by the report's own `report.compare` with the evaluation's bootstrap indices, so it equals the
+report's comparison of the same pair (up to per_video.csv's six significant digits).
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from evaluation import stats
+from evaluation import report, stats
 from evaluation.report import _scale, _table, fmt_diff
 
 TESTS = ("greater", "less", "within")
@@ -64,24 +64,24 @@ def _side(diff: list[float], test: str, bound: float) -> str:
 
 
 def check_part(part: dict, metric: str, per_video: dict, rows: dict, indices: np.ndarray, level: float) -> dict:
-    """One paired difference of a claim, its interval and whether it supports the claim."""
+    """One paired difference of a claim (computed by the report's own `report.compare`), its interval and
+    whether it supports the claim."""
+    validate_part(part, "claim part")
     test = part.get("test", "greater")
-    if test not in TESTS:
-        raise ValueError(f"claim part {part}: test must be one of {TESTS}, got {test!r}")
-    names = [part[k] for k in ("a", "b", "c", "d") if part.get(k) is not None]
-    missing = [n for n in names if n not in per_video or metric not in per_video[n]]
+    names = {k: part[k] for k in ("a", "b", "c", "d") if part.get(k) is not None}
+    missing = [n for n in names.values() if n not in per_video or metric not in per_video[n]]
     if missing:
         raise KeyError(f"claim part {part}: no per-video {metric!r} scores for {missing}; methods evaluated: "
                        f"{sorted(per_video)}")
-    a, b = per_video[part["a"]][metric], per_video[part["b"]][metric]
-    first, second = a, b
-    if part.get("c") is not None:
-        first, second = a - b, per_video[part["c"]][metric] - per_video[part["d"]][metric]
-    diff = stats.paired_difference(first, second, indices, level).as_list()
-    b_mean = float(second.mean())
-    bound = -part["margin"] * abs(b_mean) if test == "within" else 0.0
-    out = {**part, "test": test, "metric": metric, "a_value": float(first.mean()), "b_value": b_mean, "diff": diff,
-           "bound": bound, "result": _side(diff, test, bound)}
+    # (P, S) -> the evaluator's flat seed-major order that report.compare reads
+    flat = {n: {metric: per_video[n][metric].T.reshape(-1)} for n in names.values()}
+    labels = {n: rows.get(n, {}).get("label", n) for n in names.values()}
+    num_prompts = per_video[part["a"]][metric].shape[0]
+    (entry,) = report.compare(flat, labels, [{**part, "metrics": [metric]}], num_prompts, indices, level)
+    bound = -part["margin"] * abs(entry["b_value"]) if test == "within" else 0.0
+    out = {**part, "test": test, "metric": metric, "names": {k: labels[n] for k, n in names.items()},
+           "a_value": entry["a_value"], "b_value": entry["b_value"], "diff": entry["diff"], "bound": bound,
+           "result": _side(entry["diff"], test, bound)}
     if part.get("min_theoretical_speedup") is not None:
         speed = rows[part["a"]]["theoretical_speedup"]
         out["theoretical_speedup"] = speed
@@ -153,8 +153,8 @@ def evaluate_claims(results_dir: Path, claims: list[dict]) -> list[dict]:
     return out
 
 
-def _part_text(part: dict, labels: dict[str, str]) -> str:
-    name = lambda k: labels.get(part[k], part[k])  # noqa: E731
+def _part_text(part: dict) -> str:
+    name = part["names"].get
     if part.get("c") is not None:
         pair = f"({name('a')} − {name('b')}) − ({name('c')} − {name('d')})"
     else:
@@ -167,7 +167,7 @@ def _part_text(part: dict, labels: dict[str, str]) -> str:
     return text
 
 
-def claims_markdown(claims: list[dict], labels: dict[str, str], header_note: str = "") -> str:
+def claims_markdown(claims: list[dict], header_note: str = "") -> str:
     """The README's claims table (one row per claim) and, below it, every part with its methods."""
     body = []
     for c in claims:
@@ -177,24 +177,33 @@ def claims_markdown(claims: list[dict], labels: dict[str, str], header_note: str
         elif len(c["parts"]) > 1:
             ours = f"{len(c['parts'])} paired differences, see below"
         elif c["parts"][0].get("c") is not None:  # a difference of differences
-            ours = _part_text(c["parts"][0], labels)
+            ours = _part_text(c["parts"][0])
         else:
             p = c["parts"][0]
             ours = f"{scale * p['a_value']:.1f} vs {scale * p['b_value']:.1f}, Δ {fmt_diff(p['diff'], c['metric'])}"
             if "theoretical_speedup" in p:
                 ours += f"; {p['theoretical_speedup']:.2f}x theoretical"
         body.append([c["claim"], c["paper"], f"{c['metric']}: {ours}", f"**{c['verdict']}**"])
-    lines = ["| Claim of the paper | Paper | Ours (95 % interval) | Verdict |", "|---|---|---|---|"]
-    lines += ["| " + " | ".join(row) + " |" for row in body]
+    table = _table(["Claim of the paper", "Paper", "Ours (95 % interval)", "Verdict"], body)
     detail = []
     for c in claims:
         detail.append(f"- **{c['id']}** ({c['metric']}, source `{c['source']}/per_video.csv`): {c['verdict']}")
-        detail += [f"  - {_part_text(p, labels)} → {p['result']}" for p in c["parts"]] or [f"  - {c['note']}"]
-    return "\n".join([header_note, "", *lines, "", "Every part (Δ in points; a within-test's bound is "
+        detail += [f"  - {_part_text(p)} → {p['result']}" for p in c["parts"]] or [f"  - {c['note']}"]
+    return "\n".join([header_note, "", table, "", "Every part (Δ in points; a within-test's bound is "
                       "−margin × B):", "", *detail, ""]).lstrip()
 
 
 REQUIRED = ("id", "claim", "paper", "metric")
+
+
+def validate_part(part: dict, where: str) -> None:
+    """A part names a and b (and c with d), a known test, and a margin for `within`."""
+    if not part.get("a") or not part.get("b") or (part.get("c") is None) != (part.get("d") is None):
+        raise ValueError(f"{where}: part {part} needs a and b (and c with d)")
+    if part.get("test", "greater") not in TESTS:
+        raise ValueError(f"{where}: test must be one of {TESTS}, got {part['test']!r}")
+    if part.get("test") == "within" and not part.get("margin"):
+        raise ValueError(f"{where}: a `within` part needs a margin (e.g. 0.03)")
 
 
 def load_config(config: Path) -> list[dict]:
@@ -210,28 +219,19 @@ def load_config(config: Path) -> list[dict]:
             raise ValueError(f"{config}: claim {claim['id']} has no parts to test (give `parts` or "
                              "`every_cache_at_or_below`)")
         for part in claim.get("parts", []):
-            if not part.get("a") or not part.get("b") or (part.get("c") is None) != (part.get("d") is None):
-                raise ValueError(f"{config}: claim {claim['id']}: part {part} needs a and b (and c with d)")
-            if part.get("test", "greater") not in TESTS:
-                raise ValueError(f"{config}: claim {claim['id']}: test must be one of {TESTS}, got {part['test']!r}")
-            if part.get("test") == "within" and not part.get("margin"):
-                raise ValueError(f"{config}: claim {claim['id']}: a `within` part needs a margin (e.g. 0.03)")
+            validate_part(part, f"{config}: claim {claim['id']}")
     return spec["claims"]
 
 
 def write_claims(results_dir: Path, config: Path) -> list[dict]:
     claims = evaluate_claims(results_dir, load_config(config))
-    labels = {}
-    for source in {c["source"] for c in claims}:
-        data = json.loads((results_dir / source / "results.json").read_text())
-        labels |= {r["name"]: r["label"] for r in data["methods"]}
     machine = results_dir / "machine.json"
     commit = json.loads(machine.read_text()).get("commit") if machine.exists() else None
     note = (f"Claims of the paper tested on `{results_dir}` ({config}; evaluation commit {commit or 'unknown'}). "
             "Reproduced = every paired difference's 95 % interval on the claimed side; not reproduced = one "
             "on the other side; inconclusive = an interval that contains the claimed boundary; not tested = a "
             "method the claim needs was skipped by the evaluation.")
-    (results_dir / "claims.md").write_text(claims_markdown(claims, labels, note))
+    (results_dir / "claims.md").write_text(claims_markdown(claims, note))
     (results_dir / "claims.json").write_text(json.dumps(claims, indent=1, default=float))
     return claims
 

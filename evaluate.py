@@ -5,6 +5,10 @@ and seed, `--seeds '[0, 1]'`); the evaluator writes results.csv/json, per_video.
 paper's Table 1-4 layouts, every score with its bootstrap interval, paired comparisons),
 pareto.png, samples/<method>.gif and TensorBoard logs (output_dir/tb). See SPEC §7 and
 evaluation/*.py for the metric definitions, evaluation/stats.py for the intervals.
+
+Each method's videos and measured costs are kept in output_dir/partial/ as soon as they are done, so an
+interrupted evaluation resumes at the method it stopped in when run again with the same command
+(evaluation/resume.py: what changed inputs make a stored method stale, and then it is sampled again).
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings 
 from torch import Tensor  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from evaluation import efficiency, metrics, report, stats  # noqa: E402
+from evaluation import efficiency, metrics, report, resume, stats  # noqa: E402
 from evaluation.methods import (MethodSpec, MissingExport, ModelStore, PromptSet, benchmark,  # noqa: E402
                                 check_available, generate, load_prompt_set, sampling_run)
 from evaluation.progress import stage_progress  # noqa: E402
@@ -281,13 +285,26 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     store = ModelStore(device, cfg.model_seed)
     ref_spec = next(m for m in cfg.methods if m.name == reference)
     ref_run, _ = sampling_run(ref_spec, store, prompts, device, batch_size=cfg.timing.batch_size)
+    # each method's videos and measured costs are kept as soon as they exist; a rerun resumes from them
+    stored = resume.MethodResults(Path(cfg.output_dir) / "partial", log=tqdm.write)
+    context = {"prompts": resume.prompt_digest(prompts), "code": resume.code_digest(), "device": str(device),
+               "timing": asdict(cfg.timing), "batch_size": cfg.batch_size, "model_seed": cfg.model_seed}
     rows, videos, per_video = [], {}, {}
     for spec in tqdm([m for m in cfg.methods if m.name not in skipped], desc="methods"):
-        videos[spec.name] = generate(spec, store, prompts, cfg.batch_size)
-        eff = benchmark(spec, store, prompts, device, batch_size=cfg.timing.batch_size)
-        run, _ = sampling_run(spec, store, prompts, device, batch_size=cfg.timing.batch_size)
-        method_s, reference_s = efficiency.interleaved_times(run, ref_run, cfg.timing.repeats, cfg.timing.warmup,
-                                                             sync=efficiency.device_sync(device))
+        key = resume.fingerprint(spec, ref_spec, context)
+        found = stored.load(spec.name, key)
+        if found is not None:
+            videos[spec.name], measured = found
+            tqdm.write(f"{spec.name}: resumed from {stored.path(spec.name)}")
+        else:
+            videos[spec.name] = generate(spec, store, prompts, cfg.batch_size)
+            eff = benchmark(spec, store, prompts, device, batch_size=cfg.timing.batch_size)
+            run, _ = sampling_run(spec, store, prompts, device, batch_size=cfg.timing.batch_size)
+            method_s, reference_s = efficiency.interleaved_times(run, ref_run, cfg.timing.repeats,
+                                                                 cfg.timing.warmup, sync=efficiency.device_sync(device))
+            measured = {"efficiency": asdict(eff), "method_s": method_s, "reference_s": reference_s}
+            stored.save(spec.name, key, videos[spec.name], measured)
+        eff = efficiency.Efficiency(**measured["efficiency"])
         per_video[spec.name] = metrics.per_video_scores(scorer.correct(videos[spec.name], prompts.labels),
                                                         videos[spec.name])
         rows.append({
@@ -296,9 +313,9 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "nfe_dit_effective": eff.nfe_dit_effective, "nfe_predictor": eff.nfe_predictor, "flops": eff.flops,
             "peak_memory_mb": eff.peak_memory_bytes / 2 ** 20, "cache_mb": eff.cache_bytes / 2 ** 20,
             "memory_method": eff.memory_method,
-            **report.timing_fields(method_s, reference_s, cfg.timing.max_spread),
+            **report.timing_fields(measured["method_s"], measured["reference_s"], cfg.timing.max_spread),
             "fd_classifier": metrics.fd_classifier(videos[spec.name], real_features, scorer.classifier),
-            "training": training_progress(spec)})
+            "resumed": found is not None, "training": training_progress(spec)})
 
     ref = next(r for r in rows if r["name"] == reference)
     for r in rows:  # per-video faithfulness to the reference, FLOP speedups

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import evaluate
-from evaluation import claims, efficiency, report
+from evaluation import claims, efficiency, report, resume
 from evaluation.methods import (MethodSpec, MissingExport, ModelStore, check_available, disca_schedule,
                                 make_velocity)
 from models.io import save_backbone
@@ -152,6 +154,74 @@ def test_claims_on_the_evaluation_equal_its_comparisons(smoke, tmp_path):
                if r["kind"] == "cache")
     assert caches["parts"] == [] and caches["verdict"] == "inconclusive" and "no training-free cache" in caches["note"]
     assert (out / "claims.md").read_text().count("\n| ") == 4  # header + 3 claims (separator row is "|---")
+
+
+def test_an_interrupted_evaluation_resumes_at_the_method_it_stopped_in(smoke, tmp_path, monkeypatch, capsys):
+    """The smoke run's stored methods, as an interrupted run would leave them: two never written, one
+    stale (another fingerprint), one cut short. The rerun samples exactly those four again and writes the
+    same per-video scores as the uninterrupted run."""
+    out, result, _ = smoke
+    names = [r["name"] for r in result["rows"]]
+    assert sorted(p.stem for p in (out / "partial").glob("*.safetensors")) == sorted(names)
+    again = tmp_path / "again"
+    shutil.copytree(out / "partial", again / "partial")
+    missing, stale, cut = names[-2:], names[1], names[2]
+    for name in missing:
+        (again / "partial" / f"{name}.safetensors").unlink()
+    store = resume.MethodResults(again / "partial")
+    assert store.load(stale, "another fingerprint") is None  # a wrong fingerprint is never taken
+    with safe_open(str(store.path(stale)), framework="pt") as f:
+        videos, record = f.get_tensor("videos"), json.loads(f.metadata()["record"])
+    store.save(stale, "an older fingerprint", videos, record)
+    data = store.path(cut).read_bytes()
+    store.path(cut).write_bytes(data[: len(data) // 2])
+
+    sampled = []
+    real_generate = evaluate.generate
+
+    def generate(spec, *args, **kwargs):
+        sampled.append(spec.name)
+        return real_generate(spec, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    second = evaluate.main(["--config", SMOKE, "--output_dir", str(again), "--skip_missing", "true",
+                            "--seeds", "[0, 1]", "--methods+", json.dumps(MISSING), "--output.tensorboard", "false"])
+    assert sorted(sampled) == sorted([stale, cut, *missing])
+    logged = capsys.readouterr().out
+    assert f"{stale}: stored result" in logged and "is stale" in logged
+    assert f"{cut}: stored result" in logged and "cannot be read" in logged
+    assert {r["name"]: r["resumed"] for r in second["rows"]} == {n: n not in sampled for n in names}
+    assert (again / "per_video.csv").read_text() == (out / "per_video.csv").read_text()
+    first_rows = {r["name"]: r for r in result["rows"]}
+    for r in second["rows"]:
+        if r["resumed"]:  # the stored costs and timings are the first run's, not measured again
+            for key in ("flops", "nfe_dit", "peak_memory_mb", "latency_runs_s", "reference_runs_s", "speedup"):
+                assert r[key] == first_rows[r["name"]][key], (r["name"], key)
+
+
+def test_the_fingerprint_follows_exports_code_and_prompts(tmp_path):
+    """What makes a stored method stale: its export rewritten, a sampling source edited, other prompts."""
+    export = save_backbone(MMDiT(size="tiny", config={"patch_size": [1, 2, 2], "text_dim": 16, "pooled_dim": 16}),
+                           tmp_path / "export")
+    spec = MethodSpec(name="m", kind="cfg_distilled", model=str(export), guidance=4.0)
+    ref = MethodSpec(name="r", kind="teacher_cfg", model="random:tiny", cfg_scale=4.0)
+    before = resume.fingerprint(spec, ref, {"prompts": "p"})
+    assert before == resume.fingerprint(spec, ref, {"prompts": "p"})
+    assert before != resume.fingerprint(spec, ref, {"prompts": "q"})
+    assert before != resume.fingerprint(MethodSpec(name="m", kind="cfg_distilled", model=str(export), guidance=5.0),
+                                        ref, {"prompts": "p"})
+    weights = export / "model.safetensors"
+    data = weights.read_bytes()
+    time.sleep(0.01)
+    weights.write_bytes(data)  # the same bytes written again, as a re-export would: a newer file
+    assert resume.fingerprint(spec, ref, {"prompts": "p"}) != before
+
+    (tmp_path / "code" / "sampling").mkdir(parents=True)
+    source = tmp_path / "code" / "sampling" / "sampler.py"
+    source.write_text("x = 1\n")
+    digest = resume.code_digest(tmp_path / "code", ("sampling",))
+    source.write_text("x = 2\n")
+    assert resume.code_digest(tmp_path / "code", ("sampling",)) != digest
 
 
 @pytest.mark.parametrize("args, match", [

@@ -343,7 +343,8 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "memory_method": ("CUDA max_memory_allocated over one sampling run" if device.type == "cuda" else
                               "weights + inputs + peak bytes of live tensors created during one sampling run "
                               "(tracked with a TorchDispatchMode; CPU has no allocator statistic)"),
-            "config": asdict(cfg), "seconds": time.perf_counter() - start}
+            "config": asdict(cfg), "seconds": time.perf_counter() - start,
+            "resumed": [r["name"] for r in rows if r["resumed"]]}  # sampled by an earlier, interrupted run
     paths = report.write_all(Path(cfg.output_dir), rows, bound_rows, skipped, meta, samples, cfg.output.fps,
                              cfg.output.scale, cfg.output.tensorboard, comparisons, per_video)
     return {"rows": rows, "bounds": bound_rows, "comparisons": comparisons, "skipped": skipped, "paths": paths}

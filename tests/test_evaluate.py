@@ -191,6 +191,7 @@ def test_an_interrupted_evaluation_resumes_at_the_method_it_stopped_in(smoke, tm
     assert f"{stale}: stored result" in logged and "is stale" in logged
     assert f"{cut}: stored result" in logged and "cannot be read" in logged
     assert {r["name"]: r["resumed"] for r in second["rows"]} == {n: n not in sampled for n in names}
+    assert json.loads((again / "results.json").read_text())["meta"]["resumed"] == [n for n in names if n not in sampled]
     assert (again / "per_video.csv").read_text() == (out / "per_video.csv").read_text()
     first_rows = {r["name"]: r for r in result["rows"]}
     for r in second["rows"]:

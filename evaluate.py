@@ -297,12 +297,14 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
             videos[spec.name], measured = found
             tqdm.write(f"{spec.name}: resumed from {stored.path(spec.name)}")
         else:
+            began = time.perf_counter()
             videos[spec.name] = generate(spec, store, prompts, cfg.batch_size)
             eff = benchmark(spec, store, prompts, device, batch_size=cfg.timing.batch_size)
             run, _ = sampling_run(spec, store, prompts, device, batch_size=cfg.timing.batch_size)
             method_s, reference_s = efficiency.interleaved_times(run, ref_run, cfg.timing.repeats,
                                                                  cfg.timing.warmup, sync=efficiency.device_sync(device))
-            measured = {"efficiency": asdict(eff), "method_s": method_s, "reference_s": reference_s}
+            measured = {"efficiency": asdict(eff), "method_s": method_s, "reference_s": reference_s,
+                        "seconds": time.perf_counter() - began}
             stored.save(spec.name, key, videos[spec.name], measured)
         eff = efficiency.Efficiency(**measured["efficiency"])
         per_video[spec.name] = metrics.per_video_scores(scorer.correct(videos[spec.name], prompts.labels),
@@ -315,7 +317,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
             "memory_method": eff.memory_method,
             **report.timing_fields(measured["method_s"], measured["reference_s"], cfg.timing.max_spread),
             "fd_classifier": metrics.fd_classifier(videos[spec.name], real_features, scorer.classifier),
-            "resumed": found is not None, "training": training_progress(spec)})
+            "resumed": found is not None, "method_seconds": measured["seconds"], "training": training_progress(spec)})
 
     ref = next(r for r in rows if r["name"] == reference)
     for r in rows:  # per-video faithfulness to the reference, FLOP speedups
@@ -344,7 +346,8 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
                               "weights + inputs + peak bytes of live tensors created during one sampling run "
                               "(tracked with a TorchDispatchMode; CPU has no allocator statistic)"),
             "config": asdict(cfg), "seconds": time.perf_counter() - start,
-            "resumed": [r["name"] for r in rows if r["resumed"]]}  # sampled by an earlier, interrupted run
+            "resumed": [r["name"] for r in rows if r["resumed"]],  # sampled by an earlier, interrupted run
+            "method_seconds": sum(r["method_seconds"] for r in rows)}  # sampling + cost + timing, all runs
     paths = report.write_all(Path(cfg.output_dir), rows, bound_rows, skipped, meta, samples, cfg.output.fps,
                              cfg.output.scale, cfg.output.tensorboard, comparisons, per_video)
     return {"rows": rows, "bounds": bound_rows, "comparisons": comparisons, "skipped": skipped, "paths": paths}

@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLING_CODE = ("models", "sampling", "caching", "datamodules", "integration", "evaluation/methods.py",
                  "evaluation/efficiency.py")
 """the sources whose change makes stored videos and costs stale (relative to the repository root)"""
-FORMAT = 1
+FORMAT = 2
+"""layout of the stored record; bump it when RECORD_KEYS or their meaning change"""
+RECORD_KEYS = frozenset({"efficiency", "method_s", "reference_s", "seconds"})
+"""what evaluate.py stores per method: Efficiency fields, interleaved method / reference seconds, and the
+wall seconds of sampling, counting and timing the method"""
 
 
 def code_digest(root: Path = ROOT, sources: tuple[str, ...] = SAMPLING_CODE) -> str:
@@ -105,13 +109,18 @@ class MethodResults:
                     self.log(f"{name}: stored result {path} is stale (its method, reference, prompts, exports or "
                              "sampling code changed): sampling it again")
                     return None
-                return f.get_tensor("videos"), json.loads(meta["record"])
+                record = json.loads(meta["record"])
+                if set(record) != RECORD_KEYS:
+                    raise ValueError(f"record keys {sorted(record)}, expected {sorted(RECORD_KEYS)}")
+                return f.get_tensor("videos"), record
         except (OSError, KeyError, ValueError, SafetensorError) as err:  # unreadable: recompute, say why
             self.log(f"{name}: stored result {path} cannot be read ({err}): sampling it again")
             return None
 
     def save(self, name: str, fingerprint: str, videos: Tensor, record: dict) -> Path:
         """Write atomically (a kill leaves the old file or the new one, never a partial one)."""
+        if set(record) != RECORD_KEYS:
+            raise ValueError(f"{name}: record keys {sorted(record)}, expected {sorted(RECORD_KEYS)}")
         data = save({"videos": videos.detach().float().cpu().contiguous()},
                     metadata={"fingerprint": fingerprint, "record": json.dumps(record)})
         return atomic_write(self.path(name), data)

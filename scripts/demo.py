@@ -44,6 +44,16 @@ def run(cmd: list[str], log: Path) -> float:
     return elapsed
 
 
+def run_timed(name: str, cmd: list[str], logs: Path, marks: Path) -> float:
+    """`run` into `<logs>/<name>.log`, recording its wall seconds in the stage history whether it succeeds
+    or fails (`record_seconds`)."""
+    start = time.time()
+    try:
+        return run(cmd, logs / f"{name}.log")
+    finally:
+        record_seconds(marks, name, time.time() - start)
+
+
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="configs/demo.yaml")
@@ -65,7 +75,7 @@ def main(argv: list[str] | None = None) -> Path:
             timings[name] = None
             return
         print(f"[{name}]", flush=True)
-        timings[name] = run(cmd, logs / f"{name}.log")
+        timings[name] = run_timed(name, cmd, logs, marks)
         mark.parent.mkdir(parents=True, exist_ok=True)
         mark.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
 
@@ -106,13 +116,17 @@ def main(argv: list[str] | None = None) -> Path:
             ev += ["--device", "cuda", "--teacher", str(teacher)]
         name = "evaluate" if i == 0 else f"evaluate_{Path(ev_cfg.output_dir).name}"
         print(f"[{name}]", flush=True)
-        timings[name] = run(ev, logs / f"{name}.log")
+        timings[name] = run_timed(name, ev, logs, marks)
     report = ROOT / out / "report.md"
     timings["total"] = time.time() - total
     (marks / "timings.json").write_text(json.dumps(timings, indent=1))
-    print("\nstage times (s; '-' = done in an earlier run):")
+    history = read_seconds(marks)
+    print("\nstage times (s): this run ('-' = done in an earlier run), and all runs of the stage that ended "
+          f"({marks / SECONDS_FILE}):")
     for name, sec in timings.items():
-        print(f"  {name:<26} {'-' if sec is None else f'{sec:7.0f}'}")
+        runs = history.get(name, [])  # none for the total, or for a stage finished before the history existed
+        print(f"  {name:<26} {'-' if sec is None else f'{sec:7.0f}'}"
+              + (f"   {sum(runs):7.0f} in {len(runs)} run(s)" if runs else ""))
     early = [name for name, p in progress.items() if p is not None and p["stopped_early"]]
     unknown = [name for name, p in progress.items() if p is None]
     if early:
@@ -151,7 +165,7 @@ def collect(dest: Path, eval_dir: Path, output_root: Path, progress: dict, marks
         if log.exists():
             (dest / "training_logs").mkdir(exist_ok=True)
             shutil.copy2(log, dest / "training_logs" / f"{name}.csv")
-    for name in ("stages.json", "timings.json"):
+    for name in ("stages.json", "timings.json", SECONDS_FILE):
         if (marks / name).exists():
             shutil.copy2(marks / name, dest / name)
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -163,6 +177,25 @@ def collect(dest: Path, eval_dir: Path, output_root: Path, progress: dict, marks
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     (dest / "machine.json").write_text(json.dumps(machine, indent=1))
     return dest / "report.md"
+
+
+SECONDS_FILE = "stage_seconds.json"
+
+
+def read_seconds(marks: Path) -> dict[str, list[float]]:
+    path = marks / SECONDS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def record_seconds(marks: Path, name: str, seconds: float) -> None:
+    """Append one invocation's wall seconds to `<marks>/stage_seconds.json` ({stage: [seconds, ...]}), so
+    that a stage resumed across sessions keeps the cost of every invocation that ended (a process killed
+    with its machine records nothing)."""
+    from models.io import atomic_write_json
+
+    history = read_seconds(marks)
+    history.setdefault(name, []).append(round(seconds, 1))
+    atomic_write_json(marks / SECONDS_FILE, history)
 
 
 def budget(stage: dict) -> dict[str, str | None]:

@@ -95,15 +95,33 @@ def test_collect_copies_what_a_reproduction_is_judged_by(tmp_path):
     marks.mkdir()
     (marks / "stages.json").write_text("{}")
     (marks / "timings.json").write_text("{}")
+    demo.record_seconds(marks, "cfg_distill", 600.04)  # an invocation interrupted by an error, then the resumed one
+    demo.record_seconds(marks, "cfg_distill", 1200.0)
 
     report_path = demo.collect(tmp_path / "results", ev, root, {"cfg_distill": None, "no_log_stage": None}, marks)
     out = tmp_path / "results"
     assert report_path == out / "report.md" and report_path.read_text() == "report.md"
     assert (out / "training_logs" / "cfg_distill.csv").read_text().startswith("step,loss")
     assert {p.name for p in out.iterdir()} == {"report.md", "results.json", "results.csv", "per_video.csv",
-                                                "training_logs", "stages.json", "timings.json", "machine.json"}
+                                                "training_logs", "stages.json", "timings.json", "machine.json",
+                                                "stage_seconds.json"}
+    assert json.loads((out / "stage_seconds.json").read_text()) == {"cfg_distill": [600.0, 1200.0]}
     assert not list(out.rglob("*.safetensors"))
     machine = json.loads((out / "machine.json").read_text())
     assert machine["cpu_count"] >= 1 and machine["torch"] and machine["date"]
     if (ROOT / ".git").exists():  # a clone: the commit the run used is named
         assert len(machine["commit"]) == 40
+
+
+def test_a_failed_stage_keeps_its_seconds_and_fails_loudly(tmp_path):
+    """A stage command that fails stops the pipeline with its exit code, and its wall time still enters the
+    stage history, next to the earlier invocations."""
+    import json
+    import sys
+
+    demo.record_seconds(tmp_path, "meanflow", 30.0)
+    with pytest.raises(SystemExit, match=r"failed \(exit 3\)"):
+        demo.run_timed("meanflow", [sys.executable, "-c", "import time, sys; time.sleep(0.2); sys.exit(3)"],
+                       tmp_path / "logs", tmp_path)
+    history = json.loads((tmp_path / "stage_seconds.json").read_text())["meanflow"]
+    assert history[0] == 30.0 and len(history) == 2 and history[1] >= 0.2

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save
 
 import evaluate
 from evaluation import claims, efficiency, report, resume
@@ -158,14 +159,14 @@ def test_claims_on_the_evaluation_equal_its_comparisons(smoke, tmp_path):
 
 def test_an_interrupted_evaluation_resumes_at_the_method_it_stopped_in(smoke, tmp_path, monkeypatch, capsys):
     """The smoke run's stored methods, as an interrupted run would leave them: two never written, one
-    stale (another fingerprint), one cut short. The rerun samples exactly those four again and writes the
-    same per-video scores as the uninterrupted run."""
+    stale (another fingerprint), one cut short, one of an older record layout. The rerun samples exactly
+    those five again and writes the same per-video scores as the uninterrupted run."""
     out, result, _ = smoke
     names = [r["name"] for r in result["rows"]]
     assert sorted(p.stem for p in (out / "partial").glob("*.safetensors")) == sorted(names)
     again = tmp_path / "again"
     shutil.copytree(out / "partial", again / "partial")
-    missing, stale, cut = names[-2:], names[1], names[2]
+    missing, stale, cut, old_layout = names[-2:], names[1], names[2], names[3]
     for name in missing:
         (again / "partial" / f"{name}.safetensors").unlink()
     store = resume.MethodResults(again / "partial")
@@ -173,6 +174,11 @@ def test_an_interrupted_evaluation_resumes_at_the_method_it_stopped_in(smoke, tm
     with safe_open(str(store.path(stale)), framework="pt") as f:
         videos, record = f.get_tensor("videos"), json.loads(f.metadata()["record"])
     store.save(stale, "an older fingerprint", videos, record)
+    with safe_open(str(store.path(old_layout)), framework="pt") as f:
+        meta, videos = f.metadata(), f.get_tensor("videos")
+    record = json.loads(meta["record"])
+    del record["seconds"]
+    store.path(old_layout).write_bytes(save({"videos": videos}, metadata={**meta, "record": json.dumps(record)}))
     data = store.path(cut).read_bytes()
     store.path(cut).write_bytes(data[: len(data) // 2])
 
@@ -186,17 +192,19 @@ def test_an_interrupted_evaluation_resumes_at_the_method_it_stopped_in(smoke, tm
     monkeypatch.setattr(evaluate, "generate", generate)
     second = evaluate.main(["--config", SMOKE, "--output_dir", str(again), "--skip_missing", "true",
                             "--seeds", "[0, 1]", "--methods+", json.dumps(MISSING), "--output.tensorboard", "false"])
-    assert sorted(sampled) == sorted([stale, cut, *missing])
+    assert sorted(sampled) == sorted([stale, cut, old_layout, *missing])
     logged = capsys.readouterr().out
     assert f"{stale}: stored result" in logged and "is stale" in logged
     assert f"{cut}: stored result" in logged and "cannot be read" in logged
+    assert f"{old_layout}: stored result" in logged and "record keys" in logged
     assert {r["name"]: r["resumed"] for r in second["rows"]} == {n: n not in sampled for n in names}
     assert json.loads((again / "results.json").read_text())["meta"]["resumed"] == [n for n in names if n not in sampled]
     assert (again / "per_video.csv").read_text() == (out / "per_video.csv").read_text()
     first_rows = {r["name"]: r for r in result["rows"]}
     for r in second["rows"]:
         if r["resumed"]:  # the stored costs and timings are the first run's, not measured again
-            for key in ("flops", "nfe_dit", "peak_memory_mb", "latency_runs_s", "reference_runs_s", "speedup"):
+            for key in ("flops", "nfe_dit", "peak_memory_mb", "latency_runs_s", "reference_runs_s", "speedup",
+                        "method_seconds"):
                 assert r[key] == first_rows[r["name"]][key], (r["name"], key)
 
 

@@ -156,6 +156,10 @@ class EvalConfig:
     """method name for speedups and faithfulness (default: the first)"""
     skip_missing: bool = False
     """list methods with missing exports as skipped instead of failing"""
+    reuse_from: list[str] = field(default_factory=list)
+    """output_dirs of other evaluations: a method this one has not stored yet is taken from theirs (partial/)
+    when it samples the same thing (same fingerprint: sampling fields, reference, prompts, exports, code;
+    names and labels may differ)"""
     device: str = "auto"
     """'auto' = cuda if available, else cpu"""
     model_seed: int = 0
@@ -286,7 +290,8 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     ref_spec = next(m for m in cfg.methods if m.name == reference)
     ref_run, _ = sampling_run(ref_spec, store, prompts, device, batch_size=cfg.timing.batch_size)
     # each method's videos and measured costs are kept as soon as they exist; a rerun resumes from them
-    stored = resume.MethodResults(Path(cfg.output_dir) / "partial", log=tqdm.write)
+    stored = resume.MethodResults(Path(cfg.output_dir) / "partial", log=tqdm.write,
+                                  others=[Path(d) / "partial" for d in cfg.reuse_from])
     context = {"prompts": resume.prompt_digest(prompts), "code": resume.code_digest(), "device": str(device),
                "timing": asdict(cfg.timing), "batch_size": cfg.batch_size, "model_seed": cfg.model_seed}
     rows, videos, per_video = [], {}, {}

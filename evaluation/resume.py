@@ -13,6 +13,11 @@ prompt set's tensors (data, prompts, seeds, noise), the export files behind both
 modification time: a retrained or re-exported model is never mistaken for the old one) and the source
 of the code that samples (models, samplers, caches, `evaluation/methods.py` and `efficiency.py`). A file
 whose fingerprint differs is stale: it is named in the log and recomputed, never reused.
+
+Names and labels are not part of the fingerprint, so an evaluation may also take a method from another
+evaluation's store (`reuse_from` in evaluate.py) when it samples the same thing: `make reproduce`'s Figure-1
+evaluation takes the teacher and the 20-step distilled model from the main evaluation instead of sampling
+their 1,040 videos again.
 """
 from __future__ import annotations
 
@@ -74,14 +79,19 @@ def export_signature(path: str | None) -> list | str | None:
             for f in sorted(root.rglob("*")) if f.is_file()]
 
 
+COSMETIC_FIELDS = ("name", "label", "train_config", "predictor_train_config", "ablation")
+"""MethodSpec fields that name or document a method but do not change what it samples"""
+
+
 def _spec_entry(spec: MethodSpec) -> dict:
-    return {"spec": asdict(spec), "model": export_signature(spec.model),
-            "predictor": export_signature(spec.predictor)}
+    sampling = {k: v for k, v in asdict(spec).items() if k not in COSMETIC_FIELDS}
+    return {"spec": sampling, "model": export_signature(spec.model), "predictor": export_signature(spec.predictor)}
 
 
 def fingerprint(spec: MethodSpec, reference: MethodSpec, context: dict) -> str:
     """What the stored result of `spec` depends on; `context` holds the run's settings that change it
-    (prompt digest, device, timing, batch sizes, model seed, code digest)."""
+    (prompt digest, device, timing, batch sizes, model seed, code digest). Names and labels are left out
+    (COSMETIC_FIELDS), so the same sampler under another name in another evaluation has the same one."""
     payload = {"format": FORMAT, "method": _spec_entry(spec), "reference": _spec_entry(reference),
                "context": context}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
@@ -90,31 +100,47 @@ def fingerprint(spec: MethodSpec, reference: MethodSpec, context: dict) -> str:
 class MethodResults:
     """`<directory>/<method>.safetensors`: one method's videos and measured costs (see the module doc)."""
 
-    def __init__(self, directory: str | Path, log: Callable[[str], object] = print):
+    def __init__(self, directory: str | Path, log: Callable[[str], object] = print,
+                 others: list[str | Path] = ()):
+        """`others`: stores of other evaluations (their `partial/` directories) to take a method from when
+        this store lacks it and theirs has the same fingerprint (under any name)."""
         self.directory = Path(directory)
         self.log = log
+        self.others = [Path(o) for o in others]
 
     def path(self, name: str) -> Path:
         return self.directory / f"{name}.safetensors"
 
     def load(self, name: str, fingerprint: str) -> tuple[Tensor, dict] | None:
-        """(videos, record) stored for `name` under this fingerprint, else None (a stale file is logged)."""
-        path = self.path(name)
-        if not path.is_file():
-            return None
+        """(videos, record) stored for `name` under this fingerprint, else one of `others` with the same
+        fingerprint (copied into this store), else None (a stale or unreadable file is logged)."""
+        found = self._read(name, self.path(name), fingerprint) if self.path(name).is_file() else None
+        if found is not None:
+            return found
+        for other in self.others:
+            for path in sorted(other.glob("*.safetensors")):
+                if _stored_fingerprint(path) == fingerprint:
+                    found = self._read(name, path, fingerprint)
+                    if found is not None:
+                        self.log(f"{name}: the same sampling was stored by another evaluation, taken from {path}")
+                        self.save(name, fingerprint, *found)
+                        return found
+        return None
+
+    def _read(self, name: str, path: Path, fingerprint: str) -> tuple[Tensor, dict] | None:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("fingerprint") != fingerprint:
                     self.log(f"{name}: stored result {path} is stale (its method, reference, prompts, exports or "
-                             "sampling code changed): sampling it again")
+                             "sampling code changed): not used")
                     return None
                 record = json.loads(meta["record"])
                 if set(record) != RECORD_KEYS:
                     raise ValueError(f"record keys {sorted(record)}, expected {sorted(RECORD_KEYS)}")
                 return f.get_tensor("videos"), record
         except (OSError, KeyError, ValueError, SafetensorError) as err:  # unreadable: recompute, say why
-            self.log(f"{name}: stored result {path} cannot be read ({err}): sampling it again")
+            self.log(f"{name}: stored result {path} cannot be read ({err}): not used")
             return None
 
     def save(self, name: str, fingerprint: str, videos: Tensor, record: dict) -> Path:
@@ -124,3 +150,11 @@ class MethodResults:
         data = save({"videos": videos.detach().float().cpu().contiguous()},
                     metadata={"fingerprint": fingerprint, "record": json.dumps(record)})
         return atomic_write(self.path(name), data)
+
+
+def _stored_fingerprint(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("fingerprint")
+    except (OSError, SafetensorError):
+        return None

@@ -157,7 +157,20 @@ def test_claims_on_the_evaluation_equal_its_comparisons(smoke, tmp_path):
     assert (out / "claims.md").read_text().count("\n| ") == 4  # header + 3 claims (separator row is "|---")
 
 
-def test_an_interrupted_evaluation_resumes_at_the_method_it_stopped_in(smoke, tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def sampled(monkeypatch) -> list[str]:
+    """The names of the methods evaluate.py samples (rather than takes from a store), in order."""
+    names, real_generate = [], evaluate.generate
+
+    def generate(spec, *args, **kwargs):
+        names.append(spec.name)
+        return real_generate(spec, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate, "generate", generate)
+    return names
+
+
+def test_an_interrupted_evaluation_resumes_at_the_method_it_stopped_in(smoke, tmp_path, sampled, capsys):
     """The smoke run's stored methods, as an interrupted run would leave them: two never written, one
     stale (another fingerprint), one cut short, one of an older record layout. The rerun samples exactly
     those five again and writes the same per-video scores as the uninterrupted run."""
@@ -182,14 +195,6 @@ def test_an_interrupted_evaluation_resumes_at_the_method_it_stopped_in(smoke, tm
     data = store.path(cut).read_bytes()
     store.path(cut).write_bytes(data[: len(data) // 2])
 
-    sampled = []
-    real_generate = evaluate.generate
-
-    def generate(spec, *args, **kwargs):
-        sampled.append(spec.name)
-        return real_generate(spec, *args, **kwargs)
-
-    monkeypatch.setattr(evaluate, "generate", generate)
     second = evaluate.main(["--config", SMOKE, "--output_dir", str(again), "--skip_missing", "true",
                             "--seeds", "[0, 1]", "--methods+", json.dumps(MISSING), "--output.tensorboard", "false"])
     assert sorted(sampled) == sorted([stale, cut, old_layout, *missing])
@@ -206,6 +211,27 @@ def test_an_interrupted_evaluation_resumes_at_the_method_it_stopped_in(smoke, tm
             for key in ("flops", "nfe_dit", "peak_memory_mb", "latency_runs_s", "reference_runs_s", "speedup",
                         "method_seconds"):
                 assert r[key] == first_rows[r["name"]][key], (r["name"], key)
+
+
+def test_an_evaluation_takes_the_same_sampling_from_another_under_any_name(smoke, tmp_path, sampled):
+    """`reuse_from`: a method stored by another evaluation with the same sampling (renamed and relabelled
+    here) is taken, and copied into this one's store; a method sampled differently is sampled."""
+    out, result, _ = smoke
+    teacher = {"name": "reference_again", "label": "The 8-step teacher, renamed", "kind": "teacher_cfg",
+               "model": "random:tiny", "num_steps": 8, "cfg_scale": 4.0}
+    methods = [teacher, {**teacher, "name": "two_steps", "label": "2 steps", "num_steps": 2},
+               {**teacher, "name": "three_steps", "label": "3 steps", "num_steps": 3}]
+    other = evaluate.main(["--config", SMOKE, "--output_dir", str(tmp_path / "other"), "--seeds", "[0, 1]",
+                           "--methods", json.dumps(methods), "--comparisons", "[]",
+                           "--reuse_from", json.dumps([str(out)]), "--output.tensorboard", "false"])
+    assert sampled == ["three_steps"]
+    assert sorted(p.stem for p in (tmp_path / "other" / "partial").glob("*.safetensors")) == sorted(
+        m["name"] for m in methods)
+    rows, first = {r["name"]: r for r in other["rows"]}, {r["name"]: r for r in result["rows"]}
+    for name, was in (("reference_again", "teacher_cfg_8"), ("two_steps", "teacher_cfg_2")):
+        assert rows[name]["resumed"] and rows[name]["flops"] == first[was]["flops"]
+        for key in ("semantic", "digit_acc", "quality", "fd_classifier", "speedup"):
+            assert rows[name][key] == pytest.approx(first[was][key], abs=1e-9), (name, key)
 
 
 def test_the_fingerprint_follows_exports_code_and_prompts(tmp_path):

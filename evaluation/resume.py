@@ -11,7 +11,8 @@ exactly as from fresh ones, so a resumed evaluation writes the same numbers as a
 The fingerprint covers the method's spec and the reference's (the timing is a ratio to it), the
 prompt set's tensors (data, prompts, seeds, noise), the export files behind both (name, size and
 modification time: a retrained or re-exported model is never mistaken for the old one) and the source
-of the code that samples (models, samplers, caches, `evaluation/methods.py` and `efficiency.py`). A file
+of the code that samples (`SAMPLING_CODE`: models, samplers, caches, data, the diffusers integration,
+`evaluation/methods.py` and `efficiency.py`). A file
 whose fingerprint differs is stale: it is named in the log and recomputed, never reused.
 
 Names and labels are not part of the fingerprint, so an evaluation may also take a method from another
@@ -117,30 +118,33 @@ class MethodResults:
         found = self._read(name, self.path(name), fingerprint) if self.path(name).is_file() else None
         if found is not None:
             return found
-        for other in self.others:
+        for other in self.others:  # other evaluations' files are mostly other methods: no log for those
             for path in sorted(other.glob("*.safetensors")):
-                if _stored_fingerprint(path) == fingerprint:
-                    found = self._read(name, path, fingerprint)
-                    if found is not None:
-                        self.log(f"{name}: the same sampling was stored by another evaluation, taken from {path}")
-                        self.save(name, fingerprint, *found)
-                        return found
+                found = self._read(name, path, fingerprint, quiet=True)
+                if found is not None:
+                    self.log(f"{name}: the same sampling was stored by another evaluation, taken from {path}")
+                    self.save(name, fingerprint, *found)
+                    return found
         return None
 
-    def _read(self, name: str, path: Path, fingerprint: str) -> tuple[Tensor, dict] | None:
+    def _read(self, name: str, path: Path, fingerprint: str, quiet: bool = False) -> tuple[Tensor, dict] | None:
+        """The file's (videos, record) if it holds this fingerprint in the current layout, else None (logged
+        with the reason unless `quiet`)."""
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
                 if meta.get("fingerprint") != fingerprint:
-                    self.log(f"{name}: stored result {path} is stale (its method, reference, prompts, exports or "
-                             "sampling code changed): not used")
+                    if not quiet:
+                        self.log(f"{name}: stored result {path} is stale (its method, reference, prompts, exports "
+                                 "or sampling code changed): not used")
                     return None
                 record = json.loads(meta["record"])
                 if set(record) != RECORD_KEYS:
                     raise ValueError(f"record keys {sorted(record)}, expected {sorted(RECORD_KEYS)}")
                 return f.get_tensor("videos"), record
         except (OSError, KeyError, ValueError, SafetensorError) as err:  # unreadable: recompute, say why
-            self.log(f"{name}: stored result {path} cannot be read ({err}): not used")
+            if not quiet:
+                self.log(f"{name}: stored result {path} cannot be read ({err}): not used")
             return None
 
     def save(self, name: str, fingerprint: str, videos: Tensor, record: dict) -> Path:
@@ -150,11 +154,3 @@ class MethodResults:
         data = save({"videos": videos.detach().float().cpu().contiguous()},
                     metadata={"fingerprint": fingerprint, "record": json.dumps(record)})
         return atomic_write(self.path(name), data)
-
-
-def _stored_fingerprint(path: Path) -> str | None:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("fingerprint")
-    except (OSError, SafetensorError):
-        return None

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from evaluation import efficiency, metrics, report, resume, stats  # noqa: E402
 from evaluation.methods import (MethodSpec, MissingExport, ModelStore, PromptSet, benchmark,  # noqa: E402
                                 check_available, generate, load_prompt_set, sampling_run)
-from evaluation.progress import stage_progress  # noqa: E402
+from evaluation.progress import code_version, stage_progress  # noqa: E402
 
 
 @dataclass
@@ -351,6 +351,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
                               "weights + inputs + peak bytes of live tensors created during one sampling run "
                               "(tracked with a TorchDispatchMode; CPU has no allocator statistic)"),
             "config": asdict(cfg), "seconds": time.perf_counter() - start,
+            "code": code_version(Path(__file__).resolve().parent),  # the commit that produced these numbers
             "resumed": [r["name"] for r in rows if r["resumed"]],  # sampled by an earlier, interrupted run
             "method_seconds": sum(r["method_seconds"] for r in rows)}  # sampling + cost + timing, all runs
     paths = report.write_all(Path(cfg.output_dir), rows, bound_rows, skipped, meta, samples, cfg.output.fps,

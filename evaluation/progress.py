@@ -11,11 +11,28 @@ its first lines.
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import yaml
 
 from callbacks.checkpointing import TRAINING_STATE
+
+
+def code_version(root: str | Path) -> dict:
+    """The git commit of the code at `root` and whether tracked files differ from it (a run's provenance:
+    report.md names it, so a committed result can be traced to the code that produced it). Outside a git
+    checkout both are None."""
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
+    return {"commit": commit, "uncommitted_changes": None if status is None else bool(status)}
 
 
 def run_time_cap(stage_dir: Path) -> str | None:

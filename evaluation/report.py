@@ -359,6 +359,14 @@ def stages_table(stages: dict[str, dict]) -> str:
                            for d, p in stages.items()])
 
 
+def code_line(code: dict | None) -> str:
+    """' Code: commit <sha>.' (+ that tracked files had uncommitted changes), or '' when unknown."""
+    if not code or not code.get("commit"):
+        return ""
+    dirty = " with uncommitted changes to tracked files" if code.get("uncommitted_changes") else ""
+    return f" Code: commit `{code['commit'][:12]}`{dirty}."
+
+
 def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str, str], meta: dict,
                     comparisons: list[dict] | None = None) -> str:
     reference = next(r for r in rows if r["name"] == meta["reference"])
@@ -371,7 +379,7 @@ def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str
         f"{meta['num_samples']} videos ({meta['num_videos']} held-out validation prompts × seeds "
         f"{meta['seeds']}), every method from the same noise and prompts; device `{meta['device']}`; "
         f"reference method for speedups, paired differences and faithfulness: **{reference['label']}**. "
-        f"Evaluation took {meta['seconds']:.1f} s.",
+        f"Evaluation took {meta['seconds']:.1f} s.{code_line(meta.get('code'))}",
         "",
         f"Every score is `value [{100 * boot['level']:g} % interval]`: a percentile bootstrap over prompts "
         f"({boot['resamples']} resamples, generator seed {boot['seed']}); the seeds of one prompt are resampled "

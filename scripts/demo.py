@@ -168,10 +168,9 @@ def collect(dest: Path, eval_dir: Path, output_root: Path, progress: dict, marks
     for name in ("stages.json", "timings.json", SECONDS_FILE):
         if (marks / name).exists():
             shutil.copy2(marks / name, dest / name)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True).stdout.strip()
-    machine = {"commit": commit or None, "uncommitted_changes": bool(dirty), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    from evaluation.progress import code_version
+
+    machine = {**code_version(ROOT), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
                "python": platform.python_version(), "torch": torch.__version__,
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

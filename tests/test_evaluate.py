@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -94,6 +95,31 @@ def test_smoke_report_has_tables_bounds_and_skipped(smoke):
     assert "| DisCa training-free reuse (N=2) | ✔ | ✘ | — | " in table3
     table1 = text.split("Table 1)")[1].split("##")[0]
     assert "Restricted MeanFlow: 4 steps" in table1 and "FORA" not in table1
+    meta = json.loads((out / "results.json").read_text())["meta"]
+    assert set(meta["code"]) == {"commit", "uncommitted_changes"}
+    if meta["code"]["commit"]:  # a git checkout: the report names the commit that produced it
+        assert f"Code: commit `{meta['code']['commit'][:12]}`" in text
+
+
+def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
+    from evaluation.progress import code_version
+    from evaluation.report import code_line
+
+    assert code_version(tmp_path) == {"commit": None, "uncommitted_changes": None} and code_line(None) == ""
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.py").write_text("x = 1\n")
+    subprocess.run([*git, "add", "a.py"], check=True)
+    subprocess.run([*git, "commit", "-qm", "a"], check=True)
+    clean = code_version(tmp_path)
+    assert len(clean["commit"]) == 40 and clean["uncommitted_changes"] is False
+    assert code_line(clean) == f" Code: commit `{clean['commit'][:12]}`."
+    (tmp_path / "untracked.txt").write_text("outputs are not code")
+    assert code_version(tmp_path) == clean
+    (tmp_path / "a.py").write_text("x = 2\n")
+    dirty = code_version(tmp_path)
+    assert dirty == {"commit": clean["commit"], "uncommitted_changes": True}
+    assert code_line(dirty).endswith("with uncommitted changes to tracked files.")
 
 
 def test_every_score_has_an_interval_and_every_video_is_kept(smoke):

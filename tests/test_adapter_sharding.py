@@ -242,33 +242,36 @@ def _zero3_worker(rank: int, port: int, out_dir: str) -> None:
     from lightning_modules.common import zero3_leaf_blocks
 
     deepspeed.init_distributed("gloo")
-    config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
-              "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
-                                    "memory_efficient_linear": False}}
-    results = {}
-    for kind in KINDS:
-        inp = inputs(kind)
-        ref = build(kind)
-        ref_loss = run(ref, inp).square().mean()
-        ref_loss.backward()
-        ref_u, ref_dudt = dudt(ref, inp)
+    try:
+        config = {"train_micro_batch_size_per_gpu": 1, "zero_allow_untested_optimizer": True,
+                  "optimizer": {"type": "SGD", "params": {"lr": 0.0}},
+                  "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                        "memory_efficient_linear": False}}
+        results = {}
+        for kind in KINDS:
+            inp = inputs(kind)
+            ref = build(kind)
+            ref_loss = run(ref, inp).square().mean()
+            ref_loss.backward()
+            ref_u, ref_dudt = dudt(ref, inp)
 
-        module = EngineModule(build(kind))
-        zero3_leaf_blocks(module.backbone)
-        engine, *_ = deepspeed.initialize(args=argparse.Namespace(device_rank=rank), model=module,
-                                          model_parameters=module.parameters(), config=config)
-        blocks = module.backbone.shard_blocks()
-        held = [(sum(local_numel(p) for p in b.parameters()), sum(full_numel(p) for p in b.parameters()))
-                for b in blocks]
-        loss = engine(inp)
-        engine.backward(loss)
-        grads = [(safe_get_full_grad(p).clone(), q.grad) for p, q in zip(module.parameters(), ref.parameters())]
-        enable_forward_ad_through_zero_hooks(module)
-        u, du = engine(inp, jvp=True)
-        results[kind] = dict(leaves=all(z3_leaf_module(b) for b in blocks), held=held, loss=(loss.detach(), ref_loss),
-                             u=(u, ref_u), dudt=(du, ref_dudt), grads=grads)
-    torch.save(results, f"{out_dir}/rank{rank}.pt")
+            module = EngineModule(build(kind))
+            zero3_leaf_blocks(module.backbone)
+            engine, *_ = deepspeed.initialize(args=argparse.Namespace(device_rank=rank), model=module,
+                                              model_parameters=module.parameters(), config=config)
+            blocks = module.backbone.shard_blocks()
+            held = [(sum(local_numel(p) for p in b.parameters()), sum(full_numel(p) for p in b.parameters()))
+                    for b in blocks]
+            loss = engine(inp)
+            engine.backward(loss)
+            grads = [(safe_get_full_grad(p).clone(), q.grad) for p, q in zip(module.parameters(), ref.parameters())]
+            enable_forward_ad_through_zero_hooks(module)
+            u, du = engine(inp, jvp=True)
+            results[kind] = dict(leaves=all(z3_leaf_module(b) for b in blocks), held=held,
+                                 loss=(loss.detach(), ref_loss), u=(u, ref_u), dudt=(du, ref_dudt), grads=grads)
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:  # closed while the interpreter is alive (pytorch/pytorch#190489: gloo can abort at exit)
+        torch.distributed.destroy_process_group()
 
 
 def test_zero3_leaf_blocks_on_two_processes(tmp_path: Path):

@@ -73,8 +73,14 @@ def _worker(rank: int, port: int, grads_path: str, export_dir: str) -> None:
                         strategy=ModelParallelStrategy(data_parallel_size=WORLD, tensor_parallel_size=1),
                         **trainer_kwargs(grads_path))
     module = build_module()
-    trainer.fit(module, train_dataloaders=DataLoader(samples, batch_size=PER_RANK, shuffle=False))
-    module.export(export_dir)  # gathers the sharded EMA: every rank takes part, rank 0 writes
+    try:
+        trainer.fit(module, train_dataloaders=DataLoader(samples, batch_size=PER_RANK, shuffle=False))
+        module.export(export_dir)  # gathers the sharded EMA: every rank takes part, rank 0 writes
+    finally:
+        # a gloo group left to interpreter shutdown can abort the process after the work is done ("terminate
+        # called without an active exception", pytorch/pytorch#190489): close it while the interpreter is alive
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def free_port() -> int:
@@ -103,7 +109,7 @@ def test_fsdp2_two_process_step_matches_single_process(tmp_path: Path):
     finally:
         torch.set_num_threads(threads)
 
-    fsdp_run, single_run = torch.load(dist_path), torch.load(single_path)
+    fsdp_run, single_run = torch.load(dist_path, weights_only=True), torch.load(single_path, weights_only=True)
     assert fsdp_run["sharded"] and fsdp_run["world"] == WORLD  # FSDP2 DTensor parameters on 2 ranks
     assert not single_run["sharded"] and single_run["world"] == 1
     fsdp, single = fsdp_run["grads"], single_run["grads"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -223,16 +224,19 @@ def load_config(config: Path) -> list[dict]:
     return spec["claims"]
 
 
-def write_claims(results_dir: Path, config: Path) -> list[dict]:
+def write_claims(results_dir: Path, config: Path, name: str = "claims") -> list[dict]:
+    """Test the claims of `config` on `results_dir`; write `<name>.md` and `<name>.json` there."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"name must be a plain file stem (letters, digits, _ or -), got {name!r}")
     claims = evaluate_claims(results_dir, load_config(config))
     machine = results_dir / "machine.json"
     commit = json.loads(machine.read_text()).get("commit") if machine.exists() else None
-    note = (f"Claims of the paper tested on `{results_dir}` ({config}; evaluation commit {commit or 'unknown'}). "
+    note = (f"Claims of `{config}` tested on `{results_dir}` (evaluation commit {commit or 'unknown'}). "
             "Reproduced = every paired difference's 95 % interval on the claimed side; not reproduced = one "
             "on the other side; inconclusive = an interval that contains the claimed boundary; not tested = a "
             "method the claim needs was skipped by the evaluation.")
-    (results_dir / "claims.md").write_text(claims_markdown(claims, note))
-    (results_dir / "claims.json").write_text(json.dumps(claims, indent=1, default=float))
+    (results_dir / f"{name}.md").write_text(claims_markdown(claims, note))
+    (results_dir / f"{name}.json").write_text(json.dumps(claims, indent=1, default=float))
     return claims
 
 
@@ -240,9 +244,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--results", required=True, type=Path, help="directory with results.json and per_video.csv")
     p.add_argument("--config", default=Path("configs/claims.yaml"), type=Path)
+    p.add_argument("--name", default="claims", help="write <results>/<name>.md and <name>.json")
     args = p.parse_args(argv)
-    claims = write_claims(args.results, args.config)
-    print((args.results / "claims.md").read_text())
+    claims = write_claims(args.results, args.config, args.name)
+    print((args.results / f"{args.name}.md").read_text())
     return claims
 
 

@@ -25,8 +25,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) scripts/demo.py --device $(DEVICE)
 
-# The paper's claims at the stage configs' own budgets (3.7 h measured on 2 CPU cores, BENCHMARKS.md §7; resumable: rerun after an
-# interruption); results/reproduction/ gets the reports, logs, timings and machine (configs/reproduce.yaml).
+# The paper's claims at the stage configs' own budgets (3.7 h measured on 2 CPU cores, BENCHMARKS.md §7;
+# resumable: rerun after an interruption); results/reproduction/ gets the reports, logs, timings and machine
+# (configs/reproduce.yaml).
 reproduce: $(STAMP)
 	$(PY) scripts/demo.py --config configs/reproduce.yaml --device $(DEVICE)
 

@@ -114,7 +114,5 @@ def close_process_group() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        close_process_group()
+    main()
+    close_process_group()  # after a finished run only: a failed rank exits non-zero at once, never waiting on peers

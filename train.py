@@ -103,16 +103,8 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 
 
-def close_process_group() -> None:
-    """Close the (gloo/NCCL) process group a multi-process run opened. Left to interpreter shutdown, gloo can
-    abort a rank ("terminate called without an active exception", pytorch/pytorch#190489) after the run has
-    finished and saved."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
     main()
+    from distributed.strategies import close_process_group  # here, not at start-up (it sets up DeepSpeed's env)
+
     close_process_group()  # after a finished run only: a failed rank exits non-zero at once, never waiting on peers

@@ -122,3 +122,13 @@ def check_stage_host(stage: str, strategy: Strategy | None, backbone=None) -> No
                          f"the {type(backbone).__name__} backbone: it has no per-block sharding units (shard_blocks), "
                          f"so its embedders and head are not gathered for the predictor; use "
                          f"configs/strategy/deepspeed_zero3.yaml or ddp.yaml")
+
+
+def close_process_group() -> None:
+    """Close the (gloo/NCCL) process group a multi-process Lightning run opened; a no-op in one process.
+    Left to interpreter shutdown, gloo can abort a rank ("terminate called without an active exception",
+    pytorch/pytorch#190489) after the run has finished and saved. Call it after a finished run only."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -19,6 +19,7 @@ from lightning.pytorch.strategies import ModelParallelStrategy
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 
+from distributed.strategies import close_process_group
 from lightning_modules.common import full_value
 from lightning_modules.meanflow import RestrictedMeanFlowModule
 from models.io import load_backbone
@@ -77,10 +78,7 @@ def _worker(rank: int, port: int, grads_path: str, export_dir: str) -> None:
         trainer.fit(module, train_dataloaders=DataLoader(samples, batch_size=PER_RANK, shuffle=False))
         module.export(export_dir)  # gathers the sharded EMA: every rank takes part, rank 0 writes
     finally:
-        # a gloo group left to interpreter shutdown can abort the process after the work is done ("terminate
-        # called without an active exception", pytorch/pytorch#190489): close it while the interpreter is alive
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        close_process_group()  # as train.py does: gloo can abort a rank at interpreter shutdown
 
 
 def free_port() -> int:

@@ -15,10 +15,13 @@ DisCa's Restricted MeanFlow samples the interval I = t - r in [0, R] only (DisCa
 Two (t, r) samplers (`T_R_SAMPLERS`):
 - 'restricted' (`sample_t_r`, DisCa Algorithm 2): t, I ~ U(0, R), r = max(0, t - I). With R = 1
   this is NOT MeanFlow's recipe: P(r = 0) = 1/2, P(r = t) = 0 without a forced share.
-- 'meanflow' (`sample_t_r_meanflow`, MeanFlow as published: the official py-meanflow,
-  `meanflow/models/time_sampler.py`, `sample_two_timesteps_t_r_v0`): two independent logit-normal
-  times, sorted so t >= r, then r = t with probability `equal_fraction` (py-meanflow's `ratio` is
-  the share of r != t; its default 0.75 leaves 25 % of pairs at r = t).
+- 'meanflow' (`sample_t_r_meanflow`, MeanFlow's own sampler, Geng et al. 2025 §4.3): two independent
+  logit-normal times, sorted so t >= r, then a FIXED COUNT int(equal_fraction * B) of each batch
+  (its first samples) gets r = t, as the official JAX code does (`Gsunshine/meanflow`, `meanflow.py`
+  `sample_tr`, `configs/default.py` `data_proportion: 0.75`: the paper's ImageNet setting, 75 % r = t;
+  its Table 1a ablation: 25 % r != t is best). The PyTorch CIFAR-10 code (`Gsunshine/py-meanflow`,
+  `meanflow/models/time_sampler.py`) instead draws a coin per pair whose `ratio` 0.75 is the share of
+  r != t: the two codes' 0.75 mean opposite things (SPEC §10.1).
 
 Times t, r are float32 (B,) throughout; tensors are (B, ...) with any trailing shape.
 """
@@ -76,13 +79,21 @@ def sample_t_r(batch: int, restrict: float, *, distribution: str = "uniform", me
     return t, r  # (B,), (B,) float32, 0 <= r <= t, t - r <= R
 
 
+def equal_count(batch: int, equal_fraction: float) -> int:
+    """How many pairs of a batch get r = t in MeanFlow's recipe: int(equal_fraction * batch), the
+    official JAX code's `int(bz * data_proportion)` (`Gsunshine/meanflow`, `meanflow.py` `sample_tr`)."""
+    return int(equal_fraction * batch)
+
+
 def sample_t_r_meanflow(batch: int, *, mean_t: float = -0.4, std_t: float = 1.0, mean_r: float = -0.4,
-                        std_r: float = 1.0, equal_fraction: float = 0.25, generator: torch.Generator | None = None,
+                        std_r: float = 1.0, equal_fraction: float = 0.75, generator: torch.Generator | None = None,
                         device=None) -> tuple[Tensor, Tensor]:
-    """MeanFlow's own (t, r) sampler (Geng et al. 2025, section 4.3; official py-meanflow
-    `time_sampler.py`, v0): t' ~ logit-normal(mean_t, std_t), r' ~ logit-normal(mean_r, std_r),
-    t = max(t', r'), r = min(t', r'); then each pair independently gets r = t with probability
-    `equal_fraction`. The defaults are the paper's ImageNet setting (lognorm(-0.4, 1.0), 25 % r = t)."""
+    """MeanFlow's own (t, r) sampler (Geng et al. 2025, section 4.3; the official JAX code,
+    `Gsunshine/meanflow` `meanflow.py` `sample_tr`): t' ~ logit-normal(mean_t, std_t),
+    r' ~ logit-normal(mean_r, std_r), t = max(t', r'), r = min(t', r'); then the first
+    `equal_count(batch, equal_fraction)` pairs of the batch get r = t (a fixed count per batch; the
+    batch order is already random). The defaults are the paper's ImageNet setting
+    (`configs/default.py`: lognorm(-0.4, 1.0) for both times, `data_proportion` 0.75 = 75 % r = t)."""
     if not 0.0 <= equal_fraction <= 1.0:
         raise ValueError(f"equal_fraction (share of r = t samples) must be in [0, 1], got {equal_fraction}")
     for name, std in (("std_t", std_t), ("std_r", std_r)):
@@ -91,7 +102,7 @@ def sample_t_r_meanflow(batch: int, *, mean_t: float = -0.4, std_t: float = 1.0,
     a = sample_time(batch, "logit_normal", mean=mean_t, std=std_t, generator=generator, device=device)
     b = sample_time(batch, "logit_normal", mean=mean_r, std=std_r, generator=generator, device=device)
     t, r = torch.maximum(a, b), torch.minimum(a, b)
-    equal = torch.rand(batch, generator=generator, device=device, dtype=torch.float32) < equal_fraction
+    equal = torch.arange(batch, device=device) < equal_count(batch, equal_fraction)
     return t, torch.where(equal, t, r)  # (B,), (B,) float32, 0 < r <= t < 1
 
 
@@ -146,7 +157,8 @@ def meanflow_target(v: Tensor, dudt: Tensor, t: Tensor, r: Tensor) -> Tensor:
 
 def adaptive_weight(err_sq: Tensor, power: float, eps: float = 1e-3) -> Tensor:
     """w = 1 / (err_sq + eps)^p, detached: MeanFlow's adaptive loss weighting (Geng et al. 2025, after
-    Song & Dhariwal's pseudo-Huber loss; they used p in 0.5..1, eps 1e-3). p = 0.5 behaves like a
+    Song & Dhariwal's pseudo-Huber loss). The official recipes: ImageNet p = 1, eps 0.01 (`Gsunshine/meanflow`
+    `configs/default.py`); CIFAR-10 p = 0.75, eps 1e-3 (`Gsunshine/py-meanflow` `scripts/cifar10_v0.sh`). p = 0.5 behaves like a
     pseudo-Huber loss, p = 1 normalises each sample's loss to ~1; p = 0 gives w = 1."""
     if power < 0:
         raise ValueError(f"adaptive weight power p must be >= 0, got {power}")

@@ -160,9 +160,9 @@ def test_shipped_claims_name_methods_of_the_reproduction_evaluations(config):
         parsed = evaluate.build_parser().parse_args(["--config", ev["config"], *map(str, ev["overrides"])])
         methods["." if ev is pipeline["evaluate"] else Path(ev["output_dir"]).name] = {m.name for m in parsed.methods}
     assert set(methods) == {".", "figure1"}
-    ids = [c["id"] for c in spec["claims"]]  # the nine claims of issue 14, item 5, and the GAN with the fixed D
+    ids = [c["id"] for c in spec["claims"]]  # issue 14's nine, the GAN with the fixed D, the R = 1.0 baseline (2)
     if config == "configs/claims.yaml":
-        assert len(ids) == 10 and ids.index("gan_helps_residual_d") == ids.index("gan_helps") + 1
+        assert len(ids) == 12 and {"rmf_vs_r1_10", "rmf_vs_r1_20", "rmf_vs_mf_10", "rmf_vs_mf_20"} <= set(ids) and ids.index("gan_helps_residual_d") == ids.index("gan_helps") + 1
     for c in spec["claims"]:
         known = methods[c.get("source", ".")]
         assert c["metric"] in report.COMPARABLE_KEYS and c["claim"] and c["paper"]

@@ -82,24 +82,35 @@ def test_restricted_sampler_distribution(restrict, share):
     assert abs((t - r).mean().item() - (1 - share) * (restrict / 2 - restrict ** 2 / 6)) < 2e-3
 
 
-@pytest.mark.parametrize("share, means", [(0.25, (-0.4, -0.4)), (0.0, (-0.4, -0.4)), (0.5, (0.0, -2.0))])
+@pytest.mark.parametrize("share, means", [(0.75, (-0.4, -0.4)), (0.0, (-0.4, -0.4)), (0.5, (0.0, -2.0))])
 def test_meanflow_sampler_distribution(share, means):
-    """MeanFlow's sampler: P(r = t) = the share (Bernoulli per pair), P(r = 0) = 0, t >= r, and
-    E[t - r] = (1 - share) E|A - B| for the two logit-normal draws A, B (computed by quadrature)."""
+    """MeanFlow's sampler: exactly int(share * B) pairs at r = t (a fixed count, the first ones, as the
+    official JAX code), P(r = 0) = 0, t >= r, and E[t - r] = (1 - share) E|A - B| for the two logit-normal
+    draws A, B (computed by quadrature)."""
     mean_t, mean_r = means
     t, r = sample_t_r_meanflow(N_PAIRS, mean_t=mean_t, mean_r=mean_r, equal_fraction=share,
                                generator=torch.Generator().manual_seed(4))
     assert t.dtype == r.dtype == torch.float32 and (t >= r).all() and (r > 0).all() and (t < 1).all()
-    assert abs((r == t).float().mean().item() - share) < _binomial_tol(share)
+    n_equal = int(share * N_PAIRS)
+    assert (r == t).sum().item() == n_equal and (r[:n_equal] == t[:n_equal]).all()
     assert (r == 0).sum() == 0
     expected = (1 - share) * _expected_gap(mean_t, 1.0, mean_r, 1.0)
     assert abs((t - r).mean().item() - expected) < 2e-3, ((t - r).mean().item(), expected)
-    # the default is the paper's: lognorm(-0.4, 1.0) pairs, 25 % r = t; its mean interval, pinned
-    if means == (-0.4, -0.4) and share == 0.25:
-        assert expected == pytest.approx(0.1751, abs=1e-4)  # vs 1/3 for the restricted sampler at R = 1
+    # the default is the paper's ImageNet setting: lognorm(-0.4, 1.0) pairs, 75 % r = t; its mean interval, pinned
+    if means == (-0.4, -0.4) and share == 0.75:
+        assert expected == pytest.approx(0.0584, abs=1e-4)  # vs 1/3 for the restricted sampler at R = 1
         # t = the larger of two draws: its median m has F(m)^2 = 1/2
         median = torch.sigmoid(-0.4 + torch.special.ndtri(torch.tensor(0.5 ** 0.5))).item()
         assert abs(torch.median(t[t != r]).item() - median) < 0.01
+
+
+@pytest.mark.parametrize("batch", [1, 3, 4, 32, 33])
+def test_meanflow_sampler_forces_r_equal_t_on_a_fixed_count_of_every_batch(batch):
+    """The ImageNet recipe's 75 % r = t is a count per batch (`int(bz * data_proportion)`), not a coin:
+    every batch, whatever its seed, has exactly that many, and the defaults are that recipe."""
+    for seed in range(5):
+        t, r = sample_t_r_meanflow(batch, generator=torch.Generator().manual_seed(seed))
+        assert (r == t).sum().item() == int(0.75 * batch)
 
 
 def test_sampler_settings_are_checked():

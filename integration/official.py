@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch import Tensor, nn
 
-from models.io import CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_json
+from models.io import (CONFIG_NAME, WEIGHTS_NAME, atomic_write, atomic_write_json, check_export_target,
+                       replace_directory)
 
 DIT_FILE = "hyvideo10_t2v_restricted_meanflow_540p.safetensors"
 PREDICTOR_FILE = "hyvideo10_t2v_predictor_540p.safetensors"
@@ -187,8 +188,12 @@ def read_official(path: str | Path, kind: str) -> dict[str, Tensor]:
         raise FileNotFoundError(f"official {kind} checkpoint {path} not found (expected {expected})")
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors checkpoints are read (nothing is unpickled)")
-    with safe_open(str(path), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} ({path.stat().st_size} bytes) is not a readable safetensors file ({err}); "
+                         f"download the official {kind} checkpoint again") from err
     for p in ("module.", "predictor."):  # the release loader's wrappers
         if state and all(k.startswith(p) for k in state):
             state = {k[len(p):]: v for k, v in state.items()}
@@ -234,20 +239,33 @@ def _meta_backbone(config: dict) -> nn.Module:
 
 
 def _write_export(directory: Path, state: dict[str, Tensor], config: dict) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, save({k: v.contiguous() for k, v in state.items()}))
-    atomic_write_json(directory / CONFIG_NAME, config)
-    return directory
+    def write(tmp: Path) -> None:
+        atomic_write(tmp / WEIGHTS_NAME, save({k: v.contiguous() for k, v in state.items()}))
+        atomic_write_json(tmp / CONFIG_NAME, config)
+
+    return replace_directory(directory, write)
+
+
+def is_export_dir(directory: Path) -> bool:
+    """A models.io export written by this converter, and nothing else: config.json (+ model.safetensors)."""
+    names = {p.name for p in Path(directory).iterdir()}
+    return CONFIG_NAME in names and names <= {CONFIG_NAME, WEIGHTS_NAME}
 
 
 def convert_official(out: str | Path, dit: str | Path | None = None, predictor: str | Path | None = None,
-                     transformer_config: str | Path | None = None) -> dict[str, Path]:
+                     transformer_config: str | Path | None = None, overwrite: bool = False) -> dict[str, Path]:
     """Convert the official files into `out/restricted_meanflow` and `out/predictor`. Both are checked before
-    anything is written."""
+    anything is written; an existing output directory is replaced only when it is a previous export
+    of the converter and `overwrite` is set, never when it holds (or is inside) an input file."""
     from models.predictor import PREDICTOR_TYPE, Predictor, canonical_config
 
     if dit is None and predictor is None:
         raise ValueError("give --dit and/or --predictor")
+    sources = tuple(s for s in (dit, predictor, transformer_config) if s is not None)
+    for name, given in (("restricted_meanflow", dit), ("predictor", predictor)):
+        if given is not None:
+            check_export_target(Path(out) / name, kind="converted export (convert-official)", sources=sources,
+                                is_same_kind=is_export_dir, overwrite=overwrite, flag=f"--out {out}: directory")
     backbone = _meta_backbone(hunyuan10_config(transformer_config))
     config = backbone.config  # complete: every diffusers default filled in
     jobs = []

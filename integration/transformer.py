@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -24,7 +22,7 @@ from torch import nn
 
 from datamodules.video_source import PIPELINES, pipeline_class
 from datamodules.video_source import torch_dtype as _to_dtype
-from models.io import file_mode
+from models.io import check_export_target, replace_directory
 
 EMBEDDERS_FILE = "disca_embedders.safetensors"
 DISCA_FILE = "disca.json"  # which adapter, r / guidance embedders, the embedder weights file
@@ -54,16 +52,16 @@ def load_transformer(pipeline: str, r_embed: str | None = None, guidance_embed: 
                                                   attention_backend=attention_backend, **kwargs)
 
 
-def export_diffusers(backbone: nn.Module, directory: str | os.PathLike) -> Path:
+def export_diffusers(backbone: nn.Module, directory: str | os.PathLike, overwrite: bool = False) -> Path:
     """Write `backbone` (a diffusers adapter) as a diffusers transformer directory, atomically (a temporary
-    directory renamed into place)."""
+    sibling directory renamed into place). An existing `directory` is replaced only when it is a previous
+    export of this kind and `overwrite` is set (`models.io.check_export_target`)."""
     cfg = backbone.config
     _adapter_class(cfg["type"])  # refuses the built-in MMDiT: it has no diffusers form
-    out = Path(directory)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    os.chmod(tmp, file_mode() | 0o111)  # a normal directory (mkdtemp makes it 0700)
-    try:
+    check_export_target(directory, kind="diffusers export (export-diffusers)", is_same_kind=is_diffusers_export_dir,
+                        overwrite=overwrite)
+
+    def write(tmp: Path) -> None:
         backbone.model.save_pretrained(str(tmp), safe_serialization=True)
         extra = {k: v.detach().contiguous().cpu() for k, v in backbone.state_dict().items()
                  if not k.startswith("model.")}
@@ -72,14 +70,17 @@ def export_diffusers(backbone: nn.Module, directory: str | os.PathLike) -> Path:
         info = {"type": cfg["type"], "r_embed": cfg.get("r_embed"), "guidance_embed": cfg.get("guidance_embed"),
                 "embedders": EMBEDDERS_FILE if extra else None, "embedder_keys": sorted(extra)}
         (tmp / DISCA_FILE).write_text(json.dumps(info, indent=2))
-        old = out.with_name(f".{out.name}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return replace_directory(directory, write)
+
+
+def is_diffusers_export_dir(directory: Path) -> bool:
+    """An `export_diffusers` directory and nothing else: disca.json, config.json, the safetensors weights
+    (sharded ones with their index) and the embedders file."""
+    names = {p.name for p in Path(directory).iterdir()}
+    ours = {n for n in names if n in (DISCA_FILE, "config.json", EMBEDDERS_FILE)
+            or (n.startswith("diffusion_pytorch_model") and n.endswith((".safetensors", ".safetensors.index.json")))}
+    return DISCA_FILE in names and names == ours
 
 
 def is_disca_export(directory: str | os.PathLike) -> bool:

@@ -9,6 +9,7 @@ import contextlib
 import contextvars
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
@@ -114,6 +115,93 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], obj
 
 def atomic_write_json(path: str | os.PathLike, obj, indent: int = 2) -> Path:
     return atomic_write(path, json.dumps(obj, indent=indent, default=list).encode())
+
+
+def check_writable(directory: str | os.PathLike, setting: str) -> Path:
+    """Create `directory` and write (then delete) a probe file there, so that an unwritable output directory
+    fails before any work whose result would go there, naming the `setting` that chose it."""
+    path = Path(directory)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check.")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as err:
+        raise PermissionError(f"{setting} {str(path)!r} is not writable ({err.strerror or err}); fix its permissions "
+                              f"or choose another {setting}") from err
+    return path
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    """`a` is `b`, contains it, or is inside it."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_export_target(out: str | os.PathLike, *, kind: str, is_same_kind: Callable[[Path], bool],
+                        overwrite: bool, sources: tuple = (), flag: str = "--out") -> Path:
+    """Refuse an output directory a writer would replace when it is not its own earlier output: one that is,
+    contains or is inside a source it reads; an existing directory that is not a previous `kind` export
+    (`is_same_kind`); a previous one without `overwrite`. Nothing is written or deleted here."""
+    target = Path(out).resolve()
+    for source in sources:
+        src = Path(source).resolve()
+        if _overlaps(target, src):
+            how = "is" if target == src else ("contains" if target in src.parents else "is inside")
+            raise ValueError(f"{flag} {out} {how} the source {source}: writing there would delete what it reads; "
+                             f"choose an {flag} outside it")
+    if target.exists() and not (target.is_dir() and not any(target.iterdir())):
+        if not target.is_dir() or not is_same_kind(target):
+            raise FileExistsError(f"{flag} {out} exists and is not a previous {kind} (its files would be deleted); "
+                                  f"choose a new {flag} or remove it yourself")
+        if not overwrite:
+            raise FileExistsError(f"{flag} {out} holds a previous {kind}; pass --overwrite to replace it, or choose "
+                                  f"a new {flag}")
+    return target
+
+
+def replace_directory(directory: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """Fill a temporary sibling of `directory` with `write(tmp)`, then rename it into place: a kill leaves
+    the old directory (or, between the two renames, `.<name>.old`) and never a half-written one. The caller
+    has checked that replacing `directory` is allowed (`check_export_target`)."""
+    out = Path(directory)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    os.chmod(tmp, file_mode() | 0o111)  # a normal directory (mkdtemp makes it 0700)
+    old = out.with_name(f".{out.name}.old")
+    try:
+        write(tmp)
+        if old.exists():
+            shutil.rmtree(old)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        _fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def check_config_files(argv: list[str]) -> None:
+    """Parse every `--config FILE` of a command line as YAML first, so that a syntax error names the file
+    (jsonargparse parses the file's text and reports `in "<unicode string>"`)."""
+    import yaml
+
+    paths = [b for a, b in zip(argv, argv[1:]) if a == "--config"]
+    paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in paths:
+        if not os.path.isfile(path):
+            continue  # jsonargparse names a missing file itself
+        try:
+            with open(path) as f:
+                yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            problem = getattr(err, "problem", None) or str(err)
+            raise ValueError(f"--config {path}: YAML syntax error{at}: {problem}; fix the file") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--config {path} is not a text (UTF-8) YAML file: {err}") from None
 
 
 def save_module(module: nn.Module, directory: str | os.PathLike, config: dict,

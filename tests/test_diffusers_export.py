@@ -27,7 +27,9 @@ def test_export_diffusers_round_trip(tmp_path, family):
                                             "r_embed": "sum"})
     perturb(backbone)
     export_diffusers(backbone, tmp_path / "t")
-    export_diffusers(backbone, tmp_path / "t")  # overwriting an export is atomic and leaves no temporaries
+    with pytest.raises(FileExistsError, match="pass --overwrite"):  # a previous export is replaced only when asked
+        export_diffusers(backbone, tmp_path / "t")
+    export_diffusers(backbone, tmp_path / "t", overwrite=True)  # atomic, and leaves no temporaries
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t"]
     plain = Plain.from_pretrained(str(tmp_path / "t"))  # diffusers alone loads the transformer
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), backbone.model.state_dict().values()))

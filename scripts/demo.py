@@ -67,17 +67,22 @@ def main(argv: list[str] | None = None) -> Path:
     logs = marks / "logs"
     total = time.time()
     timings: dict[str, float | None] = {}  # seconds per stage run now; None = done earlier
+    estimates = plan(cfg, stage_cfgs, marks)
+    print_plan(estimates, args.config, cfg.get("costs_from", "results/reproduction"))
 
     def stage(name: str, cmd: list[str]) -> None:
         mark = marks / f"{name}.done"
         if mark.exists():
             print(f"[{name}] done already ({mark}); delete the marker to redo it")
             timings[name] = None
+            estimates.pop(name, None)
             return
         print(f"[{name}]", flush=True)
         timings[name] = run_timed(name, cmd, logs, marks)
         mark.parent.mkdir(parents=True, exist_ok=True)
         mark.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+        estimates.pop(name, None)
+        print(eta_line(name, timings[name], time.time() - total, estimates), flush=True)
 
     # 1. data
     data_dir = ROOT / cfg.data.dir
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> Path:
         name = "evaluate" if i == 0 else f"evaluate_{Path(ev_cfg.output_dir).name}"
         print(f"[{name}]", flush=True)
         timings[name] = run_timed(name, ev, logs, marks)
+        estimates.pop(name, None)
+        print(eta_line(name, timings[name], time.time() - total, estimates), flush=True)
     report = ROOT / out / "report.md"
     timings["total"] = time.time() - total
     (marks / "timings.json").write_text(json.dumps(timings, indent=1))
@@ -142,7 +149,11 @@ def main(argv: list[str] | None = None) -> Path:
             from evaluation.claims import write_claims
             write_claims(ROOT / cfg.collect_to, ROOT / cfg.claims)
             print(f"claims: {ROOT / cfg.collect_to / 'claims.md'}")
-    print(f"\ndemo finished in {timings['total'] / 60:.1f} min\nreport: {report}\nlogs: {logs}")
+    print(f"\ndemo finished in {timings['total'] / 60:.1f} min. Open:\n"
+          f"  {report}   the tables, comparisons and verdicts\n"
+          f"  {report.parent / 'pareto.png'}   quality against speedup, with intervals\n"
+          f"  {report.parent / 'results.json'}   every number of the report (per_video.csv beside it)\n"
+          f"logs: {logs}")
     return report
 
 
@@ -176,6 +187,96 @@ def collect(dest: Path, eval_dir: Path, output_root: Path, progress: dict, marks
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     (dest / "machine.json").write_text(json.dumps(machine, indent=1))
     return dest / "report.md"
+
+
+# --- the plan and the ETA: estimated from measured costs ----------------------------------------------------
+# The reference costs are the committed measurements of `make reproduce` (seconds per stage invocation and the
+# steps it completed, on the 2-core CPU of results/reproduction/machine.json), refined by this run's own history
+# A pipeline config may name another finished run's results with `costs_from` (configs/demo.yaml: the committed
+# demo run, whose short stages carry start-up costs the long runs amortise). A stage with no measurement of its own
+# takes the median seconds per step of the measured stages of the same LightningModule class.
+COSTS_DIR = ROOT / "results/reproduction"
+
+
+def _model_class(config: str) -> str:
+    return ((yaml.safe_load((ROOT / config).read_text()) or {}).get("model") or {}).get("class_path", "")
+
+
+def step_costs(costs_dir: Path = COSTS_DIR) -> dict[str, float]:
+    """Measured seconds per training step, by stage name, from a finished run's stage_seconds.json +
+    stages.json (the last invocation of each stage over the steps it completed)."""
+    sec, steps = costs_dir / SECONDS_FILE, costs_dir / "stages.json"
+    if not (sec.is_file() and steps.is_file()):
+        return {}
+    seconds, progress = json.loads(sec.read_text()), json.loads(steps.read_text())
+    return {name: seconds[name][-1] / p["completed_steps"] for name, p in progress.items()
+            if p and p.get("completed_steps") and seconds.get(name)}
+
+
+def evaluation_cost(costs_dir: Path = COSTS_DIR) -> float | None:
+    """Measured seconds per (method x video) of a finished run's main evaluation."""
+    results, sec = costs_dir / "results.json", costs_dir / SECONDS_FILE
+    if not (results.is_file() and sec.is_file()):
+        return None
+    data, seconds = json.loads(results.read_text()), json.loads(sec.read_text())
+    n = len(data["methods"]) * data["meta"]["num_videos"] * len(data["meta"]["seeds"])
+    return seconds["evaluate"][-1] / n if seconds.get("evaluate") and n else None
+
+
+def _evaluation_size(ev_cfg) -> int:
+    """methods x videos x seeds of an evaluation entry (its config, then its overrides)."""
+    import evaluate
+
+    parsed = evaluate.build_parser().parse_args(["--config", str(ROOT / ev_cfg.config), *map(str, ev_cfg.overrides)])
+    return len(parsed.methods) * parsed.num_videos * len(parsed.seeds)
+
+
+def plan(cfg, stage_cfgs: list[dict], marks: Path) -> dict[str, float | None]:
+    """Estimated seconds of every stage and evaluation still to run (a finished stage is left out; None =
+    no measurement to estimate from)."""
+    import statistics
+
+    costs_dir = ROOT / cfg.get("costs_from", "results/reproduction")
+    measured = step_costs(costs_dir)
+    by_class: dict[str, list[float]] = {}
+    for s in stage_cfgs:
+        if s["name"] in measured:
+            by_class.setdefault(_model_class(s["config"]), []).append(measured[s["name"]])
+    out: dict[str, float | None] = {}
+    for s in stage_cfgs:
+        if (marks / f"{s['name']}.done").exists():
+            continue
+        steps = budget(s)["max_steps"]
+        per_step = measured.get(s["name"])
+        if per_step is None and by_class.get(_model_class(s["config"])):
+            per_step = statistics.median(by_class[_model_class(s["config"])])
+        out[s["name"]] = None if steps is None or per_step is None else int(steps) * per_step
+    per_video = evaluation_cost(costs_dir)
+    for i, ev_cfg in enumerate([cfg.evaluate, *cfg.get("extra_evaluations", [])]):
+        name = "evaluate" if i == 0 else f"evaluate_{Path(ev_cfg.output_dir).name}"
+        out[name] = None if per_video is None else _evaluation_size(ev_cfg) * per_video
+    return out
+
+
+def _minutes(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds / 60:.0f} min"
+
+
+def print_plan(estimates: dict[str, float | None], config: str, costs_from: str) -> None:
+    known = [v for v in estimates.values() if v is not None]
+    print(f"plan ({config}; estimated from the measured costs in {costs_from}/, a 2-core CPU):")
+    for name, sec in estimates.items():
+        print(f"  {name:<28} ~{_minutes(sec)}")
+    print(f"  {'in all':<28} ~{_minutes(sum(known))}" + (" (+ stages with no estimate)" if len(known) < len(estimates)
+                                                           else ""), flush=True)
+
+
+def eta_line(name: str, seconds: float, elapsed: float, remaining: dict[str, float | None]) -> str:
+    """One line per finished stage: its time, the time so far and the estimate of what is left."""
+    left = [v for v in remaining.values() if v is not None]
+    unknown = len(remaining) - len(left)
+    return (f"[{name}] finished in {_minutes(seconds)}; elapsed {_minutes(elapsed)}; about {_minutes(sum(left))} left"
+            f" ({len(remaining)} stage(s) to go{f', {unknown} without an estimate' if unknown else ''})")
 
 
 SECONDS_FILE = "stage_seconds.json"

@@ -125,3 +125,37 @@ def test_a_failed_stage_keeps_its_seconds_and_fails_loudly(tmp_path):
                        tmp_path / "logs", tmp_path)
     history = json.loads((tmp_path / "stage_seconds.json").read_text())["meanflow"]
     assert history[0] == 30.0 and len(history) == 2 and history[1] >= 0.2
+
+
+def test_the_plan_estimates_every_stage_from_measured_costs_and_the_eta_counts_down(tmp_path, capsys):
+    """`make demo` prints a plan with an estimated time per stage (measured seconds per step of a finished run,
+    the median of the same LightningModule class for a stage that run did not have) and one ETA line per stage."""
+    import json
+
+    from omegaconf import OmegaConf
+    costs = tmp_path / "costs"
+    costs.mkdir()
+    (costs / demo.SECONDS_FILE).write_text(json.dumps({"cfg_distill": [200.0], "restricted_meanflow": [100.0],
+                                                       "meanflow": [300.0], "evaluate": [64.0]}))
+    (costs / "stages.json").write_text(json.dumps({n: {"completed_steps": 100} for n in
+                                                   ("cfg_distill", "restricted_meanflow", "meanflow")}))
+    (costs / "results.json").write_text(json.dumps({"methods": [{}] * 4, "meta": {"num_videos": 8, "seeds": [0, 1]}}))
+    cfg = OmegaConf.create({**DEMO, "costs_from": str(costs)})
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    (marks / "predictor_gan.done").write_text("")  # a finished stage is not planned
+    est = demo.plan(cfg, DEMO["stages"], marks)
+    steps = {s["name"]: int(demo.budget(s)["max_steps"]) for s in DEMO["stages"]}
+    assert "predictor_gan" not in est and est["cfg_distill"] == pytest.approx(2.0 * steps["cfg_distill"])
+    assert est["meanflow"] == pytest.approx(3.0 * steps["meanflow"])
+    # R = 1.0 was not measured: the median s/step of the stage-2 arms measured (1.0 and 3.0 -> 2.0)
+    assert est["restricted_meanflow_r1"] == pytest.approx(2.0 * steps["restricted_meanflow_r1"])
+    assert est["predictor_gan_nogan"] is None  # no stage-3 measurement at all
+    methods = demo._evaluation_size(cfg.evaluate)
+    assert est["evaluate"] == pytest.approx(methods * 1.0)  # 64 s / (4 methods x 8 videos x 2 seeds) = 1 s each
+    demo.print_plan(est, "configs/demo.yaml", str(costs))
+    out = capsys.readouterr().out
+    assert all(name in out for name in est) and "in all" in out and "without" not in out
+    line = demo.eta_line("cfg_distill", 120.0, 600.0, {"meanflow": 600.0, "predictor_gan_nogan": None})
+    assert line == ("[cfg_distill] finished in 2 min; elapsed 10 min; about 10 min left "
+                    "(2 stage(s) to go, 1 without an estimate)")

@@ -39,6 +39,30 @@ from losses.meanflow import (JVP_METHODS, LOSS_REDUCTIONS, check_restrict, check
 from models.layers import ATTENTION_BACKENDS, attention_backend
 
 
+JVP_ATTENTION_RULE = {"sdpa": "blocked", "math": "blocked", "triton": "triton", "auto": "auto"}  # models.jvp backend
+
+
+def check_jvp_attention(jvp_attention: str, device: torch.device | None = None) -> None:
+    """`jvp_attention` names a known backend, and 'triton' can run: triton is installed and, on CPU (`device`
+    cpu, or no CUDA at all), Triton's interpreter is on."""
+    if jvp_attention not in ATTENTION_BACKENDS:
+        raise ValueError(f"jvp_attention {jvp_attention!r} is not one of {ATTENTION_BACKENDS}: set "
+                         "model.init_args.jvp_attention to one of them ('auto' = the Triton kernel on CUDA, "
+                         "the blocked rule elsewhere)")
+    if jvp_attention != "triton":
+        return
+    from models.jvp_triton import interpreter_active, triton_available
+
+    if not triton_available():
+        raise ValueError("jvp_attention: triton needs the triton package: install it (`make install` / "
+                         "`pip install triton`), or set jvp_attention: auto")
+    on_cpu = (device.type == "cpu") if device is not None else not torch.cuda.is_available()
+    if on_cpu and not interpreter_active():
+        raise ValueError("jvp_attention: triton on CPU runs the kernel in Triton's interpreter, which is off: "
+                         "start the run with TRITON_INTERPRET=1 in the environment (it must be set before triton "
+                         "is imported), or set jvp_attention: auto (the blocked rule on CPU)")
+
+
 def check_finite(step: int, **terms: Tensor) -> None:
     """One host sync for all terms; on failure name the first non-finite one and the step."""
     if not bool(torch.stack([torch.isfinite(v).all() for v in terms.values()]).all()):
@@ -53,7 +77,7 @@ class RestrictedMeanFlowModule(EMAStudentModule):
                  t_r_sampler: str = "restricted", time_r_mean: float = -0.4, time_r_std: float = 1.0,
                  loss_reduction: str = "mean",
                  guidance_min: float = 1.0, guidance_max: float = 8.0, adaptive_power: float = 0.0,
-                 adaptive_eps: float = 1e-3, jvp_attention: str = "sdpa", jvp_method: str = "forward_ad",
+                 adaptive_eps: float = 1e-3, jvp_attention: str = "auto", jvp_method: str = "forward_ad",
                  fd_eps: float = 2.0 ** -12, val_integration_steps: int = 8,
                  lr: float = 1e-4, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.99),
                  warmup_steps: int = 100, decay_steps: int | None = None, ema_decay: float = 0.999,
@@ -82,9 +106,11 @@ class RestrictedMeanFlowModule(EMAStudentModule):
             guidance_max: largest distilled CFG scale g drawn.
             adaptive_power: p of the adaptive loss weight (0 = plain MSE).
             adaptive_eps: epsilon of the adaptive loss weight.
-            jvp_attention: attention backend inside the JVP (see ATTENTION_BACKENDS): 'sdpa' (default) takes
-                the explicit JVP rule of `models.jvp` under forward_ad; 'math' is explicit softmax attention
-                (what torch.func.jvp needs).
+            jvp_attention: attention backend inside the JVP (see ATTENTION_BACKENDS): 'auto' (default) takes
+                the fused Triton kernel of `models.jvp_triton` for CUDA tensors it supports and the blocked
+                explicit rule of `models.jvp` otherwise (CPU); 'sdpa' always the blocked rule; 'triton' always
+                the kernel (on CPU only with TRITON_INTERPRET=1; unsupported shapes fall back, logged once);
+                'math' is explicit softmax attention (what torch.func.jvp needs).
             jvp_method: how du/dt is computed: 'forward_ad' (default, composes with ZeRO-3 and FSDP2),
                 'func' (torch.func.jvp) or 'finite_difference' (a cross-check, step `fd_eps`).
             fd_eps: step of the central finite difference (jvp_method 'finite_difference').
@@ -102,16 +128,15 @@ class RestrictedMeanFlowModule(EMAStudentModule):
         super().__init__()
         check_guidance_range(guidance_min, guidance_max)
         check_restrict(restrict, equal_fraction)
-        if jvp_attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"jvp_attention {jvp_attention!r} not in {ATTENTION_BACKENDS}")
+        check_jvp_attention(jvp_attention)
         check_t_r_sampler(t_r_sampler, restrict, time_distribution, time_shift)
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction {loss_reduction!r} not in {LOSS_REDUCTIONS}")
         if jvp_method not in JVP_METHODS:
             raise ValueError(f"jvp_method {jvp_method!r} not in {JVP_METHODS}")
-        if jvp_method == "func" and jvp_attention == "sdpa":
-            raise ValueError("jvp_method 'func' (torch.func.jvp) has no forward-mode rule for fused SDPA attention: "
-                             "set jvp_attention: math, or use jvp_method: forward_ad")
+        if jvp_method == "func" and jvp_attention != "math":
+            raise ValueError(f"jvp_method 'func' (torch.func.jvp) has no forward-mode rule for fused SDPA attention "
+                             f"(jvp_attention: {jvp_attention}): set jvp_attention: math, or use jvp_method: forward_ad")
         if adaptive_power < 0:
             raise ValueError(f"adaptive_power must be >= 0, got {adaptive_power}")
         if val_integration_steps < 1:
@@ -157,7 +182,8 @@ class RestrictedMeanFlowModule(EMAStudentModule):
         with torch.no_grad():
             v = self.teacher.run(x_t, t, text, guidance=g).velocity
             with attention_backend(student, self.hparams.jvp_attention):
-                _, dudt = meanflow_dudt(u_fn, x_t, r, t, v, self.hparams.jvp_method, self.hparams.fd_eps)
+                _, dudt = meanflow_dudt(u_fn, x_t, r, t, v, self.hparams.jvp_method, self.hparams.fd_eps,
+                                        attention=JVP_ATTENTION_RULE[self.hparams.jvp_attention])
             u_tgt = meanflow_target(v, dudt, t, r)
         u = u_fn(x_t, r, t)  # the only pass with autograd
         loss, mse = meanflow_loss(u, u_tgt, self.hparams.adaptive_power, self.hparams.adaptive_eps,
@@ -165,6 +191,7 @@ class RestrictedMeanFlowModule(EMAStudentModule):
         return {"loss": loss, "mse": mse, "v": v, "dudt": dudt, "u_tgt": u_tgt, "interval": t - r}
 
     def setup(self, stage: str) -> None:
+        check_jvp_attention(self.hparams.jvp_attention, self.trainer.strategy.root_device)
         check_zero_config_for_jvp(self.trainer.strategy, self.hparams.jvp_method != "finite_difference")
         if self.hparams.jvp_method == "func" and zero_stage(self.trainer.strategy) == 3:
             raise ValueError("jvp_method 'func' (torch.func.jvp) does not run under DeepSpeed ZeRO-3 (SPEC §9.1): "

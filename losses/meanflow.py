@@ -111,7 +111,7 @@ JVP_METHODS = ("forward_ad", "func", "finite_difference")
 
 def meanflow_dudt(u_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, r: Tensor, t: Tensor,
                   v: Tensor, method: str = "func", fd_eps: float = 2.0 ** -12,
-                  explicit_rules: bool = True) -> tuple[Tensor, Tensor]:
+                  explicit_rules: bool = True, attention: str = "blocked") -> tuple[Tensor, Tensor]:
     """(u, du/dt) with du/dt = v d_x u + d_t u: the JVP of u_fn(x, r, t) along the tangent (v, 0, 1)
     (MeanFlow Eq. 8). Call under `torch.no_grad()` when only du/dt is needed: the target is
     stop-gradient anyway, and the no-grad JVP costs no more memory than a forward.
@@ -123,7 +123,8 @@ def meanflow_dudt(u_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, r
     linear layers and fused attention take the cheaper explicit tangent rules of `models.jvp` under
     no_grad (fused SDPA then works inside the JVP); 'finite_difference' = central
     difference with step `fd_eps` along (v, 0, 1), 2 forwards (its u is their mean, exact to O(eps^2)),
-    a float32 cross-check only (SPEC §4)."""
+    a float32 cross-check only (SPEC §4). `attention`: the explicit attention rule's backend,
+    `models.jvp.JVP_ATTENTION_BACKENDS` ('triton': the fused kernel of `models.jvp_triton`)."""
     if t.dtype != torch.float32 or r.dtype != torch.float32:
         raise ValueError(f"t and r must be float32 (SPEC §2), got {t.dtype} and {r.dtype}")
     tangent_x, tangent_t = v.to(x.dtype), torch.ones_like(t)
@@ -132,7 +133,7 @@ def meanflow_dudt(u_fn: Callable[[Tensor, Tensor, Tensor], Tensor], x: Tensor, r
     if method == "forward_ad":
         import torch.autograd.forward_ad as fwAD
 
-        with fwAD.dual_level(), (jvp_rules() if explicit_rules else nullcontext()):
+        with fwAD.dual_level(), (jvp_rules(attention) if explicit_rules else nullcontext()):
             out = u_fn(fwAD.make_dual(x, tangent_x), r, fwAD.make_dual(t, tangent_t))
             u, dudt = fwAD.unpack_dual(out)
         if dudt is None:  # the output does not depend on (x, t): a zero tangent

@@ -18,10 +18,12 @@ Plain ops run inside any sharding wrapper (FSDP2 and ZeRO-3 gather a block's wei
 as usual), and the model code is unchanged, so the rules apply to the built-in MMDiT and to the
 diffusers adapters alike. Anything else (dual weights, dropout, causal or GQA attention, grad mode)
 falls through to PyTorch's own rules. Checked against the float64 `torch.func.jvp` of math attention
-(tests/test_jvp_methods.py).
+(tests/test_jvp_methods.py). `attention_jvp(..., backend="triton")` runs the same rule as one fused flash pass
+(`models.jvp_triton`: no rows x keys buffer); `auto` takes it for the CUDA tensors it supports.
 """
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import torch
@@ -31,6 +33,9 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
 ATTENTION_BLOCK_ELEMENTS = 2 ** 26  # scores per query block: batch x heads x rows x keys (256 MiB in float32)
+JVP_ATTENTION_BACKENDS = ("blocked", "triton", "auto")  # blocked rule | fused kernel | kernel on CUDA, else blocked
+_log = logging.getLogger(__name__)
+_fallbacks_logged: set[str] = set()
 
 
 def _split(x) -> tuple[Tensor | None, Tensor | None]:
@@ -48,9 +53,24 @@ def linear_jvp(x: Tensor, dx: Tensor, weight: Tensor, bias: Tensor | None) -> tu
 
 def attention_jvp(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
                   mask: Tensor | None = None, scale: float | None = None,
-                  block_elements: int = ATTENTION_BLOCK_ELEMENTS) -> tuple[Tensor, Tensor]:
+                  block_elements: int = ATTENTION_BLOCK_ELEMENTS, backend: str = "blocked") -> tuple[Tensor, Tensor]:
     """Softmax attention over (..., N, D) and its tangent (module docstring). `mask` is SDPA's: boolean
-    (True = attend) or additive, broadcastable to (..., N_q, N_k); missing tangents are zero."""
+    (True = attend) or additive, broadcastable to (..., N_q, N_k); missing tangents are zero. `backend`
+    (JVP_ATTENTION_BACKENDS): 'blocked' = the rule below in query blocks; 'triton' = the fused kernel
+    (inputs it does not support fall back to the blocked rule, logged once per reason); 'auto' = the kernel
+    for CUDA tensors it supports, the blocked rule otherwise."""
+    if backend not in JVP_ATTENTION_BACKENDS:
+        raise ValueError(f"unknown JVP attention backend {backend!r}; expected one of {JVP_ATTENTION_BACKENDS}")
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        from models.jvp_triton import triton_attention_jvp, unsupported_reason
+
+        reason = unsupported_reason(q, k, v, dq, dk, dv, mask)
+        if reason is None:
+            return triton_attention_jvp(q, k, v, dq, dk, dv, mask, scale)
+        if reason not in _fallbacks_logged:
+            _fallbacks_logged.add(reason)
+            _log.warning("JVP attention: the Triton kernel does not take these inputs (%s); "
+                         "using the blocked rule", reason)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     n_q, n_k = q.shape[-2], k.shape[-2]
     per_row = max(1, q[..., 0, 0].numel() * n_k)
@@ -93,6 +113,12 @@ _RULES = (F.linear, F.scaled_dot_product_attention)
 
 
 class _JVPRules(TorchFunctionMode):
+    def __init__(self, attention: str = "blocked"):
+        if attention not in JVP_ATTENTION_BACKENDS:
+            raise ValueError(f"unknown JVP attention backend {attention!r}; expected one of {JVP_ATTENTION_BACKENDS}")
+        super().__init__()
+        self.attention = attention
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func not in _RULES or torch.is_grad_enabled():
@@ -105,13 +131,14 @@ class _JVPRules(TorchFunctionMode):
             q, k, v, mask, scale, unsupported = _sdpa_args(*args, **kwargs)
             (q, dq), (k, dk), (v, dv), (mask, dmask) = map(_split, (q, k, v, mask))
             if not unsupported and dmask is None and not (dq is None and dk is None and dv is None):
-                return fwAD.make_dual(*attention_jvp(q, k, v, dq, dk, dv, mask, scale))
+                return fwAD.make_dual(*attention_jvp(q, k, v, dq, dk, dv, mask, scale, backend=self.attention))
         return func(*args, **kwargs)
 
 
 @contextmanager
-def jvp_rules():
+def jvp_rules(attention: str = "blocked"):
     """Compute F.linear and F.scaled_dot_product_attention with the explicit forward-mode rules above
-    (effective only under `torch.no_grad()` on dual tensors; see the module docstring)."""
-    with _JVPRules():
+    (effective only under `torch.no_grad()` on dual tensors; see the module docstring); `attention` is
+    attention_jvp's backend."""
+    with _JVPRules(attention):
         yield

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-ATTENTION_BACKENDS = ("sdpa", "math")
+from distributed import sequence_parallel
+
+ATTENTION_BACKENDS = ("sdpa", "math", "triton", "auto")  # triton / auto: SDPA here, their JVP in models.jvp
 
 
 def timestep_sinusoid(t: Tensor, dim: int, max_period: float = 10000.0, scale: float = 1000.0) -> Tensor:
@@ -64,13 +66,21 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, backend: str) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, backend: str,
+              sharded_tokens: int = 0) -> Tensor:
     """Multi-head attention over (B, heads, N, D) with an optional key padding mask (B, N) bool.
+
+    `sharded_tokens` = n: the first n tokens are this rank's shard of the sequence-parallel image tokens
+    (the rest, text, whole on every rank); while a sequence-parallel state is active the call runs as
+    Ulysses attention around this same function (distributed/sequence_parallel.py), else n is ignored.
 
     `math` is explicit softmax attention: slower, but it has a forward-mode AD rule, which
     `torch.func.jvp` needs (SPEC §4: the fused SDPA kernels have none)."""
+    if sharded_tokens and sequence_parallel.current() is not None:
+        return sequence_parallel.ulysses_attention(q, k, v, key_mask, sharded_tokens,
+                                                   lambda q_, k_, v_, m: attention(q_, k_, v_, m, backend))
     mask = None if key_mask is None else key_mask[:, None, None, :]
-    if backend == "sdpa":
+    if backend in ("sdpa", "triton", "auto"):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if backend == "math":
         scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)

@@ -3,8 +3,12 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 DEVICE  ?= cpu
 STAMP   := $(VENV)/.installed-stamp
+# Triton for the JVP kernel's tests (its interpreter runs the kernel on CPU): installed only where torch brought
+# none (the CPU wheel), so a CUDA torch keeps its own Triton. 3.9.0's interpreter works with numpy 2.4.
+TRITON_PIN    := triton==3.9.0
+ENSURE_TRITON := $(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install -q "$(TRITON_PIN)"
 
-.PHONY: install demo reproduce attribution test teacher smoke clean-outputs
+.PHONY: install demo reproduce attribution test teacher smoke clean-outputs gpu-check
 
 install: $(STAMP)
 
@@ -17,10 +21,17 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation "deepspeed>=0.16"
 	$(PY) -m pip install -q -e ".[dev]"
+	$(ENSURE_TRITON)
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(ENSURE_TRITON)
 	$(PY) -m pytest -q
+
+# Every GPU measurement of the fused JVP attention kernel (benchmarks/gpu_check.py: kernel vs float64, its time
+# and memory beside SDPA and the blocked rule at 16k / 67k tokens, the stage-2 step, stages 0-3 smoke on CUDA).
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --out results/gpu_check.json
 
 demo: $(STAMP)
 	$(PY) scripts/demo.py --device $(DEVICE)

@@ -1,4 +1,4 @@
-"""Fault injection: every row of the README "Reliability" table is one test here (issue 13).
+"""Fault injection: every row of the fault table in docs/reliability.md is one test here (issue 13).
 
 Each test injects the fault (SIGKILL during a checkpoint write, a crash mid-run, divergence, stale
 or bad files, bad sizes) and checks that no work is lost and that nothing exits silently."""

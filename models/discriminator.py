@@ -19,6 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from distributed import sequence_parallel
 from models.predictor import embed_tokens
 from models.protocol import TextCond
 
@@ -31,8 +32,8 @@ def dit_features(backbone: nn.Module, x: Tensor, t: Tensor, text: TextCond, r: T
     when the caller has grad enabled; the backbone's own weights are expected frozen."""
     tokens = embed_tokens(backbone, x, text, t)
     vec = backbone.condition(t, r, guidance, text.pooled)
-    _, features = backbone.transformer(tokens, vec, feature_layers=layers)
-    return features, tokens.grid
+    _, features = backbone.transformer(sequence_parallel.shard(tokens), vec, feature_layers=layers)
+    return [sequence_parallel.gather_image(f) for f in features], tokens.grid
 
 
 def patchify(x: Tensor, grid: tuple[int, int, int]) -> Tensor:

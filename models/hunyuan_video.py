@@ -208,7 +208,7 @@ def _double_attention(attn: nn.Module, img: Tensor, txt: Tensor, rope, key_mask:
     tk = _qk_norm(attn.norm_added_k, _heads(attn.add_k_proj(txt), h)).transpose(1, 2)
     tv = _heads(attn.add_v_proj(txt), h).transpose(1, 2)
     out = attention(torch.cat([q, tq], 2), torch.cat([k, tk], 2), torch.cat([v, tv], 2), key_mask,
-                    attn.attention_backend)
+                    attn.attention_backend, sharded_tokens=img.shape[1])
     out = out.transpose(1, 2).flatten(2).to(q.dtype)
     n_img = img.shape[1]
     out_img, out_txt = out[:, :n_img], out[:, n_img:]
@@ -225,7 +225,7 @@ def _single_attention(attn: nn.Module, x: Tensor, n_img: int, rope, key_mask: Te
     if rope is not None:
         q = torch.cat([_rope(q[:, :, :n_img], rope), q[:, :, n_img:]], 2)
         k = torch.cat([_rope(k[:, :, :n_img], rope), k[:, :, n_img:]], 2)
-    out = attention(q, k, v, key_mask, attn.attention_backend)
+    out = attention(q, k, v, key_mask, attn.attention_backend, sharded_tokens=n_img)
     return out.transpose(1, 2).flatten(2).to(q.dtype)
 
 
@@ -367,6 +367,7 @@ class HunyuanVideoBackbone(DiffusersAdapter):
     """diffusers HunyuanVideoTransformer3DModel (as `self.model`) implementing `VideoBackbone`."""
 
     TYPE = "hunyuan_video"
+    splits_sequence = True  # its blocks mark their joint attention (distributed/sequence_parallel.py)
 
     def __init__(self, model: nn.Module, *, r_embed: str | None = None, guidance_embed: bool | None = None,
                  attention_backend: str = "sdpa"):

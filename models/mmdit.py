@@ -118,7 +118,7 @@ class DoubleStreamBlock(nn.Module):
             if tokens.rope is not None:
                 iq, ik = apply_rope(iq, *tokens.rope), apply_rope(ik, *tokens.rope)
             out = attention(torch.cat([iq, tq], 2), torch.cat([ik, tk], 2), torch.cat([iv, tv], 2), key_mask,
-                            self.attention_backend)
+                            self.attention_backend, sharded_tokens=n_img)
             out = rearrange(out, "b h n d -> b n (h d)")
             return torch.cat([self.img.proj(out[:, :n_img]), self.txt.proj(out[:, n_img:])], dim=1)
 
@@ -164,7 +164,8 @@ class SingleStreamBlock(nn.Module):
             if tokens.rope is not None:
                 q = torch.cat([apply_rope(q[:, :, :n_img], *tokens.rope), q[:, :, n_img:]], 2)
                 k = torch.cat([apply_rope(k[:, :, :n_img], *tokens.rope), k[:, :, n_img:]], 2)
-            out = rearrange(attention(q, k, v, key_mask, self.attention_backend), "b h n e -> b n (h e)")
+            out = rearrange(attention(q, k, v, key_mask, self.attention_backend, sharded_tokens=n_img),
+                            "b h n e -> b n (h e)")
             return F.linear(out, self.linear2.weight[:, :d])
 
         def mlp_out() -> Tensor:  # the MLP slice of linear2 (with its bias), before the gate
@@ -189,6 +190,8 @@ class FinalLayer(nn.Module):
 
 class MMDiT(ComposedBackbone):
     """The built-in backbone; implements `models.protocol.VideoBackbone`."""
+
+    splits_sequence = True  # its blocks mark their joint attention (distributed/sequence_parallel.py)
 
     def __init__(self, size: str | None = None, config: dict | MMDiTConfig | None = None):
         """`size` picks a preset from MMDIT_SIZES; `config` overrides single fields (or is a full config)."""

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from distributed import sequence_parallel
 from models.io import load_state, read_config, save_module
 from models.protocol import TextCond, Tokens
 
@@ -137,6 +138,8 @@ def canonical_config(config: dict) -> dict:
 class Predictor(nn.Module):
     """P(C, x_t', r', t', c) -> u (Eq. 5). See the module docstring for the architecture."""
 
+    splits_sequence = True  # shards its tokens like the backbones (distributed/sequence_parallel.py)
+
     def __init__(self, backbone: nn.Module, hidden_size: int | None = None, num_blocks: int = 2,
                  mlp_ratio: float | None = None, num_heads: int | None = None, cache_residual: bool = False,
                  variant: str = "single"):
@@ -200,16 +203,18 @@ class Predictor(nn.Module):
         if cache.shape != current.shape:
             raise ValueError(f"cache shape {tuple(cache.shape)} does not match the current tokens "
                              f"{tuple(current.shape)}: was it computed for this video size and prompt length?")
-        cache = cache.to(current.dtype)
         vec_p = self.vec_in(vec)  # (B, Hp)
-        p_tokens = replace(tokens, rope=subsample_rope(tokens.rope, self.head_dim))
-        mask = key_padding_mask(tokens)
+        # sequence parallel (when active): this rank's image tokens through the blocks (as the backbone's run)
+        p_tokens = sequence_parallel.shard(replace(tokens, rope=subsample_rope(tokens.rope, self.head_dim)))
+        current = sequence_parallel.shard_joint(current, tokens.num_img)
+        cache = sequence_parallel.shard_joint(cache.to(current.dtype), tokens.num_img)
+        mask = key_padding_mask(p_tokens)
         if self.cfg.variant == "single":
             h = self.fusion(torch.cat([current, cache], dim=-1))  # (B, N, Hp)
             for block in self.blocks:
                 h = block(h, vec_p, p_tokens, mask)
         else:  # split cache: image and text parts fused separately, then double-stream blocks
-            n = tokens.num_img
+            n = p_tokens.num_img
             img = self.fusion_img(torch.cat([current[:, :n], cache[:, :n]], dim=-1))
             txt = self.fusion_txt(torch.cat([current[:, n:], cache[:, n:]], dim=-1))
             for block in self.blocks:
@@ -218,6 +223,7 @@ class Predictor(nn.Module):
         hidden = self.out_proj(h)  # (B, N, H)
         if self.cfg.cache_residual:
             hidden = hidden + cache
+        hidden, _ = sequence_parallel.gather(hidden)
         return backbone.head(hidden, vec, tokens)
 
 

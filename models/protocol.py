@@ -25,6 +25,8 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from distributed import sequence_parallel
+
 
 @dataclass
 class TextCond:
@@ -158,7 +160,10 @@ class ComposedBackbone(nn.Module):
         check_time("t", t, x.shape[0])
         tokens = self.embed(x, text, t)
         vec = self.condition(t, r, guidance, text.pooled)
-        hidden, features = self.transformer(tokens, vec, hook=hook, feature_layers=feature_layers)
+        # sequence parallel (when active): this rank's image tokens through the blocks, whole sequences out
+        hidden, features = self.transformer(sequence_parallel.shard(tokens), vec, hook=hook,
+                                            feature_layers=feature_layers)
+        hidden, features = sequence_parallel.gather(hidden, features)
         return BackboneOutput(self.head(hidden, vec, tokens), hidden if return_hidden else None, features)
 
     def forward(self, x: Tensor, t: Tensor, text: TextCond, r: Tensor | None = None,

@@ -75,7 +75,8 @@ def _wan_attention(attn: nn.Module, x: Tensor, context: Tensor | None, rope) -> 
     q, k, v = (y.unflatten(2, (attn.heads, -1)).transpose(1, 2) for y in (q, k, v))
     if rope is not None:
         q, k = _wan_rope(q, *rope), _wan_rope(k, *rope)
-    out = attention(q, k, v, None, attn.attention_backend)
+    # self-attention: every token is a sequence-parallel image token; cross-attention: local queries, whole text
+    out = attention(q, k, v, None, attn.attention_backend, sharded_tokens=q.shape[2] if context is None else 0)
     out = out.transpose(1, 2).flatten(2).type_as(q)
     return attn.to_out[1](attn.to_out[0](out))
 
@@ -149,6 +150,7 @@ class WanBackbone(DiffusersAdapter):
     """diffusers WanTransformer3DModel (as `self.model`) implementing `VideoBackbone`."""
 
     TYPE = "wan"
+    splits_sequence = True  # its self-attention is marked (distributed/sequence_parallel.py)
     root_methods = ("embed", "condition", "block_modulation", "head")  # the root unit's FSDP2 forward methods
 
     def __init__(self, model: nn.Module, *, r_embed: str | None = None, guidance_embed: bool | None = False,

@@ -13,6 +13,7 @@ interrupted evaluation resumes at the method it stopped in when run again with t
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +30,7 @@ from evaluation import efficiency, metrics, report, resume, stats  # noqa: E402
 from evaluation.methods import (MethodSpec, MissingExport, ModelStore, PromptSet, benchmark,  # noqa: E402
                                 check_available, generate, load_prompt_set, sampling_run)
 from evaluation.progress import code_version, stage_progress  # noqa: E402
+from models.io import check_config_files, check_writable  # noqa: E402
 
 
 @dataclass
@@ -55,6 +57,15 @@ class SemanticConfig:
     """videos scored for the ground-truth ceiling and the noise floor"""
     bounds_seed: int = 1234
     """seed of the ceiling/floor videos"""
+    scorer2_dir: str = "outputs/digit_scorer2"
+    """the second, independent digit scorer (evaluation/digit_scorer2.py); trained on first use (~20 s)"""
+    scorer2_copies: int = 12
+    """augmented frames per held-out digit image when the second scorer has to be trained"""
+
+    def __post_init__(self) -> None:
+        if self.scorer2_copies < 1:
+            raise ValueError(f"semantic.scorer2_copies must be >= 1 (augmented frames per held-out digit image "
+                             f"for the second digit scorer; default 12), got {self.scorer2_copies}")
 
 
 @dataclass
@@ -215,12 +226,14 @@ class EvalConfig:
 
 
 def load_scorer(cfg: SemanticConfig):
-    """The semantic scorer; its digit classifier is trained (and saved) on first use."""
+    """The semantic scorer with both digit scorers; each is trained (and saved) on first use."""
+    from evaluation.digit_scorer2 import ensure_digit_scorer2
     from evaluation.semantic import SemanticScorer, ensure_digit_classifier
 
     # a classifier left by another run (fewer steps, interrupted) is retrained, never silently reused
     classifier, _ = ensure_digit_classifier(cfg.classifier_dir, log=tqdm.write, steps=cfg.train_steps)
-    return SemanticScorer(classifier.eval())
+    digit2, _ = ensure_digit_scorer2(cfg.scorer2_dir, log=tqdm.write, copies=cfg.scorer2_copies)
+    return SemanticScorer(classifier.eval(), digit2=digit2)
 
 
 def bounds(cfg: SemanticConfig, scorer, prompts: PromptSet, real_features: Tensor, boot: BootstrapConfig,
@@ -278,6 +291,9 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 raise MissingExport(f"the reference method cannot be skipped: {err}") from err
             skipped[spec.name] = str(err)
             tqdm.write(f"skipping: {err}")
+    # where the results go must take them, before anything is sampled (an unwritable partial/ lost a method)
+    for directory in (Path(cfg.output_dir), Path(cfg.output_dir) / "partial"):
+        check_writable(directory, "--output_dir" if directory == Path(cfg.output_dir) else "--output_dir's partial/")
 
     boot = cfg.bootstrap
     indices = stats.resample_indices(cfg.num_videos, boot.resamples, boot.seed)  # shared by every method: paired
@@ -376,6 +392,7 @@ def build_parser() -> ArgumentParser:
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
+    check_config_files(sys.argv[1:] if args is None else args)  # a YAML syntax error names its file
     parser = build_parser()
     parsed = parser.parse_args(args)
     init = parser.instantiate(parsed)

@@ -8,6 +8,12 @@ and `<results>/<source>/per_video.csv` (every method's per-video scores), tests 
 every part's numbers) and `<results>/claims.json`. Each part is a paired difference on the same prompts and
 noise, computed by the report's own `report.compare` with the evaluation's bootstrap indices, so it equals the
 report's comparison of the same pair (up to per_video.csv's six significant digits).
+
+A claim on a metric that contains the digit accuracy (`report.DIGIT_DEPENDENT`) is also tested on the digit alone
+under both digit scorers: the CNN (`digit_acc`) and the independent second scorer (`digit2_acc`,
+evaluation/digit_scorer2.py). When those two digit verdicts differ the claim is "scorer-dependent", never
+reproduced or not reproduced. Results written before the second scorer existed have no `digit2_acc`: their
+claims keep the CNN's verdict and say that the second scorer is unavailable.
 """
 from __future__ import annotations
 
@@ -25,7 +31,10 @@ from evaluation import report, stats
 from evaluation.report import _scale, _table, fmt_diff
 
 TESTS = ("greater", "less", "within")
-VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not tested")
+VERDICTS = ("reproduced", "not reproduced", "inconclusive", "not tested", report.SCORER_DEPENDENT)
+DIGIT_SCORERS = {"digit_acc": "CNN", "digit2_acc": "2nd scorer"}  # the digit under each scorer
+UNAVAILABLE = ("second digit scorer unavailable: per_video.csv has no digit2_acc scores (written before the second digit "
+               "scorer existed; rerun the evaluation, which resumes every method's stored videos, to rescore)")
 
 
 def read_per_video(path: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -114,7 +123,8 @@ def verdict(results: list[str]) -> str:
 
 
 def load_source(directory: Path) -> tuple[dict, dict, np.ndarray, float, dict]:
-    """rows by name, per-video scores, the evaluation's bootstrap indices and level, and what it skipped."""
+    """rows by name, per-video scores, the evaluation's bootstrap indices and level, and what it skipped
+    (`load_bounds` reads its ceiling and floor)."""
     path = directory / "results.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: run the evaluation first (make reproduce writes "
@@ -126,6 +136,39 @@ def load_source(directory: Path) -> tuple[dict, dict, np.ndarray, float, dict]:
     num_prompts = data["meta"]["num_videos"]
     indices = stats.resample_indices(num_prompts, boot["resamples"], boot["seed"])
     return rows, per_video, indices, boot["level"], data.get("skipped") or {}
+
+
+def load_bounds(directory: Path) -> dict[str, dict]:
+    """The evaluation's ground-truth ceiling and noise floor rows (results.json), {} when it has none."""
+    path = directory / "results.json"
+    return (json.loads(path.read_text()).get("bounds") or {}) if path.exists() else {}
+
+
+def digit_verdicts(parts: list[dict], per_video: dict, rows: dict, indices: np.ndarray, level: float) -> dict | None:
+    """The claim's parts tested on the digit under each scorer: {metric: {"parts", "verdict"}}, or
+    {"verdict": "unavailable", "note"} for the second scorer where a method has no digit2_acc scores (None
+    when the scores have no digit at all)."""
+    names = {p[k] for p in parts for k in "abcd" if p.get(k) is not None}
+    if any("digit_acc" not in per_video.get(n, {}) for n in names):
+        return None  # scores without any digit column (hand-made files): nothing to check
+    out = {}
+    for metric in DIGIT_SCORERS:
+        if any(metric not in per_video[n] for n in names):
+            out[metric] = {"parts": [], "verdict": "unavailable", "note": UNAVAILABLE}
+            continue
+        tested = [check_part(p, metric, per_video, rows, indices, level) for p in parts]
+        out[metric] = {"parts": tested, "verdict": verdict([p["result"] for p in tested])}
+    return out
+
+
+def final_verdict(metric_verdict: str, digit: dict | None) -> tuple[str, bool]:
+    """The claim's verdict and whether it is scorer-dependent: its metric's verdict, unless its digit verdicts
+    under the two scorers differ (then "scorer-dependent")."""
+    if not digit or digit["digit2_acc"]["verdict"] == "unavailable":
+        return metric_verdict, False
+    if digit["digit_acc"]["verdict"] != digit["digit2_acc"]["verdict"]:
+        return report.SCORER_DEPENDENT, True
+    return metric_verdict, False
 
 
 def evaluate_claims(results_dir: Path, claims: list[dict]) -> list[dict]:
@@ -144,8 +187,18 @@ def evaluate_claims(results_dir: Path, claims: list[dict]) -> list[dict]:
             out.append(entry | {"parts": [], "verdict": "not tested",
                                 "note": "; ".join(f"{n} skipped by the evaluation: {skipped[n]}" for n in not_run)})
             continue
-        parts = [check_part(p, claim["metric"], per_video, rows, indices, level) for p in expand(claim, rows)]
-        entry |= {"parts": parts, "verdict": verdict([p["result"] for p in parts]) if parts else "inconclusive"}
+        expanded = expand(claim, rows)
+        parts = [check_part(p, claim["metric"], per_video, rows, indices, level) for p in expanded]
+        metric_verdict = verdict([p["result"] for p in parts]) if parts else "inconclusive"
+        digit = (digit_verdicts(expanded, per_video, rows, indices, level)
+                 if parts and claim["metric"] in report.DIGIT_DEPENDENT else None)
+        final, dependent = final_verdict(metric_verdict, digit)
+        for p in parts:  # the side-by-side GIF of the part's arms, where the evaluation's samples are kept
+            grid = Path(source) / "samples" / "compare" / report.grid_name(p)
+            if (results_dir / grid).is_file():
+                p["grid"] = grid.as_posix()
+        entry |= {"parts": parts, "metric_verdict": metric_verdict, "digit": digit, "scorer_dependent": dependent,
+                  "verdict": final}
         if not parts:  # every_cache_at_or_below found no cache as slow as A: nothing to compare at equal speed
             a = claim["every_cache_at_or_below"]
             entry["note"] = (f"no training-free cache at or below the theoretical speedup of {a} "
@@ -168,8 +221,37 @@ def _part_text(part: dict) -> str:
     return text
 
 
+def _digit_cell(claim: dict, metric: str) -> str:
+    """The claim's digit verdict under one scorer: the paired difference of a single part, else the count."""
+    if not claim.get("digit"):
+        return "—"
+    d = claim["digit"][metric]
+    if d["verdict"] == "unavailable":
+        return "unavailable"
+    if len(d["parts"]) == 1:
+        return f"Δ {fmt_diff(d['parts'][0]['diff'], metric)} → {d['verdict']}"
+    return f"{d['verdict']} ({len(d['parts'])} parts)"
+
+
+def _unavailable(claim: dict) -> bool:
+    return bool(claim.get("digit")) and claim["digit"]["digit2_acc"]["verdict"] == "unavailable"
+
+
+def scorers_note(bounds_by_source: dict[str, dict]) -> str:
+    """Each evaluation's ceiling and floor under both digit scorers."""
+    lines = []
+    for source, bounds in bounds_by_source.items():
+        ceiling, floor = bounds.get(report.CEILING, {}), bounds.get(report.FLOOR, {})
+        cells = [f"{name} " + (f"ceiling {100 * ceiling[k]:.1f} %, floor {100 * floor[k]:.1f} %"
+                               if ceiling.get(k) is not None and floor.get(k) is not None else "not scored")
+                 for k, name in DIGIT_SCORERS.items()]
+        lines.append(f"Digit scorers on `{source}`: " + "; ".join(cells) + ".")
+    return " ".join(lines)
+
+
 def claims_markdown(claims: list[dict], header_note: str = "") -> str:
-    """The README's claims table (one row per claim) and, below it, every part with its methods."""
+    """The README's claims table (one row per claim, with its digit verdict under both digit scorers) and,
+    below it, every part with its methods."""
     body = []
     for c in claims:
         scale = _scale(c["metric"])
@@ -184,12 +266,23 @@ def claims_markdown(claims: list[dict], header_note: str = "") -> str:
             ours = f"{scale * p['a_value']:.1f} vs {scale * p['b_value']:.1f}, Δ {fmt_diff(p['diff'], c['metric'])}"
             if "theoretical_speedup" in p:
                 ours += f"; {p['theoretical_speedup']:.2f}x theoretical"
-        body.append([c["claim"], c["paper"], f"{c['metric']}: {ours}", f"**{c['verdict']}**"])
-    table = _table(["Claim of the paper", "Paper", "Ours (95 % interval)", "Verdict"], body)
+        verdict_text = f"**{c['verdict']}**"
+        if c.get("scorer_dependent"):
+            verdict_text += f" ({c['metric']} with the CNN's digit: {c['metric_verdict']})"
+        body.append([c["claim"], c["paper"], f"{c['metric']}: {ours}", *(_digit_cell(c, k) for k in DIGIT_SCORERS),
+                     verdict_text])
+    table = _table(["Claim of the paper", "Paper", "Ours (95 % interval)", "Digit, CNN", "Digit, 2nd scorer",
+                    "Verdict"], body)
     detail = []
     for c in claims:
         detail.append(f"- **{c['id']}** ({c['metric']}, source `{c['source']}/per_video.csv`): {c['verdict']}")
-        detail += [f"  - {_part_text(p)} → {p['result']}" for p in c["parts"]] or [f"  - {c['note']}"]
+        detail += [f"  - {_part_text(p)} → {p['result']}" + (f" ([side by side]({p['grid']}))" if p.get("grid") else "")
+                   for p in c["parts"]] or [f"  - {c['note']}"]
+        for metric, name in DIGIT_SCORERS.items():
+            d = (c.get("digit") or {}).get(metric)
+            if d is not None:
+                detail += ([f"  - digit, {name}: {_part_text(p)} → {p['result']}" for p in d["parts"]]
+                           or [f"  - digit, {name}: unavailable (no digit2_acc in per_video.csv)"])
     return "\n".join([header_note, "", table, "", "Every part (Δ in points; a within-test's bound is "
                       "−margin × B):", "", *detail, ""]).lstrip()
 
@@ -234,7 +327,12 @@ def write_claims(results_dir: Path, config: Path, name: str = "claims") -> list[
     note = (f"Claims of `{config}` tested on `{results_dir}` (evaluation commit {commit or 'unknown'}). "
             "Reproduced = every paired difference's 95 % interval on the claimed side; not reproduced = one "
             "on the other side; inconclusive = an interval that contains the claimed boundary; not tested = a "
-            "method the claim needs was skipped by the evaluation.")
+            "method the claim needs was skipped by the evaluation; scorer-dependent = the claim's parts tested on "
+            "the digit give different verdicts under the two digit scorers (the CNN of evaluation/semantic.py and "
+            "the independent HOG + logistic-regression scorer of evaluation/digit_scorer2.py), so the claim is "
+            "neither reproduced nor refuted. "
+            + scorers_note({c["source"]: load_bounds(results_dir / c["source"]) for c in claims})
+            + (f" {UNAVAILABLE[0].upper()}{UNAVAILABLE[1:]}." if any(_unavailable(c) for c in claims) else ""))
     (results_dir / f"{name}.md").write_text(claims_markdown(claims, note))
     (results_dir / f"{name}.json").write_text(json.dumps(claims, indent=1, default=float))
     return claims

@@ -183,9 +183,11 @@ def classifier_features(classifier: torch.nn.Module, videos: Tensor, chunk: int 
 
 
 def accuracy_per_video(correct: dict[str, Tensor]) -> dict[str, np.ndarray]:
-    """(N,) 0/1 float64 digit / colour / direction / all-correct from `SemanticScorer.correct`."""
-    names = {"digit": "digit_acc", "color": "color_acc", "direction": "direction_acc", "all": "all_correct"}
-    return {name: correct[key].double().numpy() for key, name in names.items()}
+    """(N,) 0/1 float64 digit / colour / direction / all-correct (and the second digit scorer's digit,
+    `digit2_acc`, when it scored) from `SemanticScorer.correct`."""
+    names = {"digit": "digit_acc", "color": "color_acc", "direction": "direction_acc", "all": "all_correct",
+             "digit2": "digit2_acc"}
+    return {name: correct[key].double().numpy() for key, name in names.items() if key in correct}
 
 
 def quality_per_video(videos: Tensor) -> dict[str, np.ndarray]:

@@ -83,7 +83,8 @@ def _zoom(values: list[tuple[float, float]], pad: float = 0.08, min_span: float 
     return mid - span * (0.5 + pad), mid + span * (0.5 + pad)
 
 
-def _bounds_lines(ax, bounds: dict[str, dict], key: str, scorer: str = "", used: dict | None = None) -> None:
+def _bounds_lines(ax, bounds: dict[str, dict], key: str, scorer: str = "", used: dict | None = None,
+                  linestyle: str = "--") -> None:
     """Each bound (ceiling, floor) of `key` as a dashed line where it lies inside the zoomed axis, else as a
     note at the axis edge it lies beyond, with its value (`used`: notes already at each edge, shared by calls
     on one axis)."""
@@ -96,7 +97,7 @@ def _bounds_lines(ax, bounds: dict[str, dict], key: str, scorer: str = "", used:
         value = 100 * b[key]
         text = f"{name}{scorer}: {value:.1f} %"
         if low <= value <= high:
-            ax.axhline(value, color=color, linestyle="--", linewidth=1, label=text)
+            ax.axhline(value, color=color, linestyle=linestyle, linewidth=1, label=text)
             continue
         side = "above" if value > high else "below"
         y = edge[side] - (0.045 if side == "above" else -0.045) * used[side]
@@ -133,7 +134,7 @@ def pareto_figure(rows: list[dict], bounds: dict[str, dict] | None = None):
     the digit accuracy (the axis that separates methods) under both digit scorers (filled: the CNN; hollow
     diamonds: the second scorer). Every point carries its 95 % interval (vertical bar) and the speedup's
     interquartile range over timing rounds (horizontal bar); the ground-truth ceiling and noise floor are
-    dashed lines, or notes at the edge when they lie off the zoomed axis. Numbered markers, and the key
+    dashed lines (dotted: the second scorer's), or notes at the edge when they lie off the zoomed axis. Numbered markers, and the key
     (number -> method, speedup, semantic, digit) beside the panels."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -171,7 +172,7 @@ def pareto_figure(rows: list[dict], bounds: dict[str, dict] | None = None):
         used = {"above": 0, "below": 0}
         for k, name, _ in DIGIT_SCORERS:
             if k in digit_keys:
-                _bounds_lines(digit_ax, bounds, k, f" ({name})", used)
+                _bounds_lines(digit_ax, bounds, k, f" ({name})", used, "--" if k == "digit_acc" else ":")
     else:
         digit_ax.text(0.5, 0.5, "no digit scores", transform=digit_ax.transAxes, ha="center")
     digit_ax.set_xlim(*x_limits)

@@ -30,23 +30,29 @@ from torch import Tensor
 from evaluation import stats
 from evaluation.plots import pareto_figure
 
-INTERVAL_KEYS = ("digit_acc", "color_acc", "direction_acc", "all_correct", "semantic", "flicker", "smoothness",
-                 "motion", "quality", "total", "psnr", "ssim")
+INTERVAL_KEYS = ("digit_acc", "digit2_acc", "color_acc", "direction_acc", "all_correct", "semantic", "flicker",
+                 "smoothness", "motion", "quality", "total", "psnr", "ssim")
 COMPARABLE_KEYS = tuple(k for k in INTERVAL_KEYS if k != "motion")  # higher is better for each of these
-DELTA_KEYS = ("digit_acc", "semantic", "quality", "total")  # the paired differences the tables print
+DELTA_KEYS = ("digit_acc", "digit2_acc", "semantic", "quality", "total")  # the paired differences the tables print
+SECOND_SCORER = {"digit_acc": "digit2_acc"}
+"""the second digit scorer's twin of a metric (evaluation/digit_scorer2.py): a comparison of `digit_acc` is
+also made on `digit2_acc`, and a verdict that differs between the two is scorer-dependent"""
+DIGIT_DEPENDENT = ("digit_acc", "all_correct", "semantic", "total")
+"""metrics that contain the (CNN's) digit accuracy, so a scorer-dependent digit verdict concerns them too"""
+SCORER_DEPENDENT = "scorer-dependent"
 COMPARISON_KEYS = ("semantic", "digit_acc", "quality", "total")  # default metrics of an "A vs B" comparison
 COLUMNS = (
     "name", "label", "kind", "cfg_distilled", "num_steps",
     "nfe_dit", "nfe_dit_effective", "nfe_predictor", "flops", "latency_s", "speedup", "speedup_q1", "speedup_q3",
     "speedup_min", "speedup_max", "speedup_too_noisy", "theoretical_speedup",
     "theoretical_latency_s", "peak_memory_mb", "cache_mb", "memory_method",
-    "digit_acc", "color_acc", "direction_acc", "all_correct", "semantic",
+    "digit_acc", "digit2_acc", "color_acc", "direction_acc", "all_correct", "semantic",
     "flicker", "smoothness", "motion", "fd_classifier", "quality", "total", "psnr", "ssim",
     *(f"{k}_{end}" for k in INTERVAL_KEYS for end in ("lo", "hi")),
 )
 QUALITY_WEIGHT = 4.0  # VBench: total = (semantic + 4 quality) / 5
 PERCENT_KEYS = tuple(k for k in INTERVAL_KEYS if k not in ("motion", "psnr"))  # shown x100
-METRIC_NAMES = {"digit_acc": "digit", "color_acc": "colour", "direction_acc": "direction", "all_correct": "all-correct",
+METRIC_NAMES = {"digit_acc": "digit", "digit2_acc": "digit (2nd scorer)", "color_acc": "colour", "direction_acc": "direction", "all_correct": "all-correct",
                 "psnr": "PSNR (dB)", "ssim": "SSIM"}
 
 
@@ -85,9 +91,10 @@ def intervals(per_video: dict[str, np.ndarray], num_prompts: int, indices: np.nd
 
 def paired(a: dict[str, np.ndarray], b: dict[str, np.ndarray], keys: Iterable[str], num_prompts: int,
            indices: np.ndarray, level: float = stats.LEVEL) -> dict[str, list[float]]:
-    """{key: [a - b, low, high]}: paired differences of two methods' per-video scores."""
+    """{key: [a - b, low, high]}: paired differences of two methods' per-video scores (the keys both have:
+    scores of the second digit scorer are absent where it did not score)."""
     return {k: stats.paired_difference(stats.prompt_matrix(a[k], num_prompts), stats.prompt_matrix(b[k], num_prompts),
-                                       indices, level).as_list() for k in keys}
+                                       indices, level).as_list() for k in keys if k in a and k in b}
 
 
 def verdict(diff: list[float], a: str, b: str) -> str:
@@ -133,6 +140,51 @@ def compare(per_video: dict[str, dict[str, np.ndarray]], labels: dict[str, str],
     return out
 
 
+def with_second_scorer(pairs: list[dict], per_video: dict[str, dict[str, np.ndarray]]) -> list[dict]:
+    """Each pair with the second scorer's twin (`SECOND_SCORER`) right after every metric that has one, where
+    every method the pair names was scored by it."""
+    out = []
+    for pair in pairs:
+        names = [pair[k] for k in "abcd" if pair.get(k) is not None]
+        metrics = []
+        for m in pair["metrics"]:
+            metrics.append(m)
+            twin = SECOND_SCORER.get(m)
+            if twin and twin not in pair["metrics"] and all(twin in per_video[n] for n in names):
+                metrics.append(twin)
+        out.append({**pair, "metrics": metrics})
+    return out
+
+
+def _outcome(entry: dict) -> tuple:
+    """What a comparison entry concludes: the side its interval excludes zero on, and a margin test's result."""
+    _, low, high = entry["diff"]
+    return ("a" if low > 0 else "b" if high < 0 else "open", entry.get("within_margin"))
+
+
+def mark_scorer_dependent(entries: list[dict]) -> list[dict]:
+    """Set `scorer_dependent` on every digit entry that has its second-scorer twin in the same comparison;
+    where the two conclude differently, both verdicts read "scorer-dependent" (never A or B better) and the
+    comparison's other digit-dependent metrics (`DIGIT_DEPENDENT`) say so."""
+    groups: dict[tuple, dict[str, dict]] = {}
+    for e in entries:
+        groups.setdefault((e["label"], e["a"], e["b"], e.get("c"), e.get("d")), {})[e["metric"]] = e
+    for group in groups.values():
+        for first, second in SECOND_SCORER.items():
+            if first not in group or second not in group:
+                continue
+            e1, e2 = group[first], group[second]
+            dependent = _outcome(e1) != _outcome(e2)
+            e1["scorer_dependent"] = e2["scorer_dependent"] = dependent
+            if dependent:
+                e1["verdict"] = e2["verdict"] = (f"**{SCORER_DEPENDENT}** (CNN: {e1['verdict']}; 2nd scorer: "
+                                                 f"{e2['verdict']})")
+                for m in DIGIT_DEPENDENT:
+                    if m != first and m in group:
+                        group[m]["verdict"] += f"; its digit verdict is {SCORER_DEPENDENT}"
+    return entries
+
+
 def full_row(rows: list[dict]) -> dict | None:
     """The Table 3 row that uses every DisCa component (the ablations' baseline), if any."""
     from evaluation.methods import ABLATION_KEYS
@@ -143,7 +195,8 @@ def full_row(rows: list[dict]) -> dict | None:
 def add_statistics(rows: list[dict], per_video: dict[str, dict[str, np.ndarray]], reference: str,
                    pairs: list[dict], num_prompts: int, indices: np.ndarray, level: float = stats.LEVEL) -> list[dict]:
     """Give every row its intervals, its paired differences to the reference (`vs_reference`) and, for
-    Table 3 rows, to the full row (`vs_full`); returns the configured comparisons (`compare`)."""
+    Table 3 rows, to the full row (`vs_full`); returns the configured comparisons (`compare`), each digit
+    comparison also made with the second digit scorer and marked scorer-dependent where they disagree."""
     full = full_row(rows)
     for r in rows:
         scores = per_video[r["name"]]
@@ -151,7 +204,9 @@ def add_statistics(rows: list[dict], per_video: dict[str, dict[str, np.ndarray]]
         r["vs_reference"] = paired(scores, per_video[reference], DELTA_KEYS, num_prompts, indices, level)
         if r.get("ablation") and full is not None:
             r["vs_full"] = paired(scores, per_video[full["name"]], DELTA_KEYS, num_prompts, indices, level)
-    return compare(per_video, {r["name"]: r["label"] for r in rows}, pairs, num_prompts, indices, level)
+    pairs = with_second_scorer(pairs, per_video)
+    return mark_scorer_dependent(compare(per_video, {r["name"]: r["label"] for r in rows}, pairs, num_prompts,
+                                         indices, level))
 
 
 def timing_fields(method_s: list[float], reference_s: list[float], max_spread: float) -> dict:
@@ -196,7 +251,10 @@ def _scale(key: str) -> float:
 
 
 def fmt_ci(row: dict, key: str, fmt: str = "{:.1f}") -> str:
-    """'value [low, high]' of a row's score (percent keys x100)."""
+    """'value [low, high]' of a row's score (percent keys x100); '—' for a score the row lacks (the second
+    digit scorer's in results written before it existed)."""
+    if row.get(key) is None:
+        return "—"
     k = _scale(key)
     if f"{key}_lo" not in row:
         return _num(row[key] * k, fmt)
@@ -254,10 +312,11 @@ def table2(rows: list[dict], bounds: dict[str, dict]) -> str:
     layout), the paired difference of the semantic score to the reference, then the ground-truth and
     noise rows."""
     header = ["Method", "CFG distilled", "NFE (DiT + P)", "Latency (s) ↓", "Speed ↑ [IQR]", "Theor. speed ↑",
-              "Peak mem (MB) ↓", "Digit ↑", "Colour ↑", "Direction ↑", "All-correct ↑", "Semantic ↑",
+              "Peak mem (MB) ↓", "Digit ↑", "Digit, 2nd scorer ↑", "Colour ↑", "Direction ↑", "All-correct ↑",
+              "Semantic ↑",
               "Δ Semantic vs ref", "Flicker ↑", "Smoothness ↑", "Motion (px/f)", "FD-classifier ↓",
               "Quality ↑", "Total ↑", "Trained steps"]
-    scored = ("digit_acc", "color_acc", "direction_acc", "all_correct", "semantic")
+    scored = ("digit_acc", "digit2_acc", "color_acc", "direction_acc", "all_correct", "semantic")
     body = []
     for r in rows:
         nfe = _num(r["nfe_dit_effective"], "{:.4g}") + (f" + {r['nfe_predictor']:.4g}" if r["nfe_predictor"] else "")
@@ -294,13 +353,15 @@ def table1(rows: list[dict], reference: dict) -> str:
     """The step-distillation rows (CFG teacher, CFG-distilled and MeanFlow samplers, no caches) in the
     layout of the paper's Table 1: NFE, theoretical and measured speedup, semantic scores with their
     intervals, paired differences to the reference and PSNR to the reference's videos."""
-    header = ["Method", "CFG distilled", "NFE", "Theor. speed", "Measured speed [IQR]", "Digit", "Colour",
-              "Direction", "All-correct", "Semantic", "Δ Digit vs ref", "Δ Semantic vs ref", "PSNR (dB)",
-              "Trained steps"]
+    header = ["Method", "CFG distilled", "NFE", "Theor. speed", "Measured speed [IQR]", "Digit", "Digit, 2nd scorer",
+              "Colour", "Direction", "All-correct", "Semantic", "Δ Digit vs ref", "Δ Digit, 2nd scorer, vs ref",
+              "Δ Semantic vs ref", "PSNR (dB)", "Trained steps"]
     body = [[r["label"], _mark(r["cfg_distilled"]), _num(r["nfe_dit_effective"], "{:.4g}"),
              f"{r['theoretical_speedup']:.2f}×", fmt_speed(r),
-             *(fmt_ci(r, k) for k in ("digit_acc", "color_acc", "direction_acc", "all_correct", "semantic")),
-             *(fmt_diff(None if r is reference else r["vs_reference"][k], k) for k in ("digit_acc", "semantic")),
+             *(fmt_ci(r, k) for k in ("digit_acc", "digit2_acc", "color_acc", "direction_acc", "all_correct",
+                                      "semantic")),
+             *(fmt_diff(None if r is reference else r["vs_reference"].get(k), k)
+               for k in ("digit_acc", "digit2_acc", "semantic")),
              "—" if r is reference else fmt_ci(r, "psnr", "{:.2f}"), fmt_steps(r)]
             for r in rows if r["kind"] in ("teacher_cfg", "cfg_distilled", "meanflow")]
     return _table(header, body)
@@ -367,8 +428,49 @@ def code_line(code: dict | None) -> str:
     return f" Code: commit `{code['commit'][:12]}`{dirty}."
 
 
+CEILING, FLOOR = "ground truth (ceiling)", "noise (floor)"  # the bounds rows evaluate.py scores
+
+
+def scorers_line(bounds: dict[str, dict]) -> str:
+    """Both digit scorers with the ceiling and floor each measured (the second: 'not scored' in results
+    written before it existed)."""
+    def bound(key: str) -> str:
+        ceiling, floor = bounds.get(CEILING, {}), bounds.get(FLOOR, {})
+        if ceiling.get(key) is None or floor.get(key) is None:
+            return "not scored in this evaluation"
+        return f"ceiling {100 * ceiling[key]:.1f} %, floor {100 * floor[key]:.1f} %"
+
+    return (f"Digit accuracy is read by two independent scorers: the CNN of `evaluation/semantic.py` "
+            f"({bound('digit_acc')}) and a second scorer of another kind, HOG + pixel features of a centred, "
+            f"size-normalised crop into a logistic regression (`evaluation/digit_scorer2.py`; {bound('digit2_acc')}). "
+            "Ceiling = real world videos of unseen digits, floor = Gaussian noise. A comparison whose digit verdict "
+            f"differs between the two is marked **{SCORER_DEPENDENT}** and counts as neither side better.")
+
+
+def grid_name(entry: dict) -> str:
+    """File name (under samples/compare/) of the side-by-side GIF of a comparison's arms."""
+    return "__vs__".join(entry[k] for k in "abcd" if entry.get(k) is not None) + ".gif"
+
+
+def grids_section(comparisons: list[dict], grids: dict[str, Path], labels: dict[str, str]) -> list[str]:
+    """Links to the side-by-side GIF of every comparison whose grid was written, with its columns."""
+    lines, seen = [], set()
+    for c in comparisons:
+        name = grid_name(c)
+        if name in seen or name not in grids:
+            continue
+        seen.add(name)
+        arms = [c[k] for k in "abcd" if c.get(k) is not None]
+        columns = ", ".join(f"{letter} = {labels.get(arm, arm)}" for letter, arm in zip("ABCD", arms))
+        lines.append(f"- [{c['label']}](samples/compare/{name}): {columns}, real = the prompt's real video")
+    if not lines:
+        return []
+    return ["## Side-by-side samples", "", "The same prompts (one per row, seed 0) for the arms of each comparison, "
+            "column by column:", "", *lines, ""]
+
+
 def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str, str], meta: dict,
-                    comparisons: list[dict] | None = None) -> str:
+                    comparisons: list[dict] | None = None, grids: dict[str, Path] | None = None) -> str:
     reference = next(r for r in rows if r["name"] == meta["reference"])
     stages = meta.get("stages") or {}
     boot = meta["bootstrap"]
@@ -387,6 +489,8 @@ def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str
         "and noise with its interval; a difference is called better only when its interval excludes zero. "
         "Measured speed = median over interleaved rounds of (reference time / method time), `[q1–q3]`; ⚠ marks "
         f"a spread too wide to conclude (IQR / median > {meta['max_spread']:g}).",
+        "",
+        scorers_line(bounds),
         "",
         "## Quality and efficiency (layout of the paper's Table 2)",
         "",
@@ -407,6 +511,7 @@ def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str
     if comparisons:
         parts += ["## Paired comparisons", "", "A − B on the same prompts and noise, in points; A or B is called "
                   "better only when the interval excludes zero.", "", comparisons_table(comparisons), ""]
+        parts += grids_section(comparisons, grids or {}, {r["name"]: r["label"] for r in rows})
     parts += [
         f"## Faithfulness to {reference['label']} (same noise and prompt)",
         "",
@@ -438,6 +543,9 @@ def markdown_report(rows: list[dict], bounds: dict[str, dict], skipped: dict[str
         "centroid track. Quality = mean(Flicker, Smoothness); Total = (Semantic + 4 Quality) / 5 (VBench's "
         "weighting). Intervals of flicker, smoothness and motion are in results.json; FD-classifier is a "
         "set statistic and has none. The bounds rows' semantic intervals resample their own videos.",
+        "- Digit, 2nd scorer = the digit as the independent second scorer reads it (`evaluation/digit_scorer2.py`: "
+        "no CNN, trained on the same held-out digits with other augmentations); it enters no other score, it "
+        "only checks the CNN's digit verdicts.",
         "- FD-classifier = Fréchet distance between the digit classifier's features (frame-averaged) "
         "of generated and real videos of the same prompts (not FID/FVD).",
         "- NFE = full DiT evaluations (a CFG step costs 2; a cache's partial call counts its computed "
@@ -478,6 +586,48 @@ def gif_bytes(videos: Tensor, fps: float = 4.0, scale: int = 4) -> bytes:
     import imageio.v3 as iio
 
     return iio.imwrite("<bytes>", grid_frames(videos, scale), extension=".gif", duration=1000 / fps, loop=0)
+
+
+def comparison_frames(arms: list[Tensor], num_prompts: int = 8, scale: int = 4, pad: int = 2,
+                      header: int = 14) -> np.ndarray:
+    """Arms' videos (each (N, 3, F, H, W) in [-1, 1], the same prompts in the same order) side by side:
+    one row per prompt, one column per arm, a header naming the columns A, B, C, D and `real` (the last
+    arm). Returns (F, rows, cols, 3) uint8 frames."""
+    from PIL import Image, ImageDraw
+
+    n = min(num_prompts, *(a.shape[0] for a in arms))
+    x = torch.stack([a[:n].float().clamp(-1, 1) for a in arms], dim=1)  # (n, arms, 3, F, H, W)
+    x = ((x + 1) * 127.5).round().to(torch.uint8)
+    x = x.repeat_interleave(scale, dim=4).repeat_interleave(scale, dim=5)
+    x = torch.nn.functional.pad(x, (0, pad, 0, pad), value=255)  # white separators
+    frames = rearrange(x, "r c ch f h w -> f (r h) (c w) ch").numpy()
+    cell_w = x.shape[-1]
+    head = Image.new("RGB", (frames.shape[2], header), "white")
+    draw = ImageDraw.Draw(head)
+    names = [*"ABCD"[:len(arms) - 1], "real"]
+    for i, name in enumerate(names):
+        draw.text((i * cell_w + 3, 1), name, fill="black")
+    head = np.broadcast_to(np.asarray(head), (frames.shape[0], *np.asarray(head).shape))
+    return np.concatenate([head, frames], axis=1)
+
+
+def write_comparison_grids(directory: Path, comparisons: list[dict], samples: dict[str, Tensor], fps: float = 4.0,
+                           scale: int = 4) -> dict[str, Path]:
+    """samples/compare/<a>__vs__<b>[__vs__<c>__vs__<d>].gif for every comparison whose arms all have samples
+    (and the real videos as the last column); returns {file name: path}."""
+    import imageio.v3 as iio
+
+    out = {}
+    for c in comparisons:
+        arms = [c[k] for k in "abcd" if c.get(k) is not None]
+        name = grid_name(c)
+        if name in out or not all(a in samples for a in arms) or "ground_truth" not in samples:
+            continue
+        directory.mkdir(parents=True, exist_ok=True)
+        frames = comparison_frames([samples[a] for a in arms] + [samples["ground_truth"]], scale=scale)
+        out[name] = directory / name
+        out[name].write_bytes(iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0))
+    return out
 
 
 def write_tensorboard(logdir: Path, rows: list[dict], samples: dict[str, Tensor], gifs: dict[str, bytes],
@@ -524,7 +674,9 @@ def write_all(output_dir: Path, rows: list[dict], bounds: dict[str, dict], skipp
     if per_video:
         paths["per_video"] = output_dir / "per_video.csv"
         write_per_video(per_video, meta["num_videos"], paths["per_video"])
-    report_md = markdown_report(rows, bounds, skipped, meta, comparisons)
+    grids = write_comparison_grids(output_dir / "samples" / "compare", comparisons or [], samples, fps, scale)
+    paths |= {f"compare/{name}": path for name, path in grids.items()}
+    report_md = markdown_report(rows, bounds, skipped, meta, comparisons, grids)
     paths["report"].write_text(report_md)
     figure = pareto_figure(rows, bounds)
     figure.savefig(paths["pareto"])

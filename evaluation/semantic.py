@@ -119,10 +119,15 @@ def predict_digit(classifier: DigitClassifier, videos: Tensor, chunk: int = 256)
 
 
 class SemanticScorer:
+    """Digit (the CNN), colour and direction of each video; with `digit2` (the independent second digit
+    scorer of `evaluation/digit_scorer2.py`), also `digit2`: the digit as that scorer reads it, reported
+    beside the CNN's so a verdict that rests on one scorer's leniency shows (never part of `all`)."""
+
     def __init__(self, classifier: DigitClassifier, bright_threshold: float = BRIGHT_THRESHOLD,
-                 centroid_floor: float = CENTROID_FLOOR, min_motion: float = MIN_MOTION):
+                 centroid_floor: float = CENTROID_FLOOR, min_motion: float = MIN_MOTION, digit2=None):
         self.classifier = classifier.eval()
         self.bright_threshold, self.centroid_floor, self.min_motion = bright_threshold, centroid_floor, min_motion
+        self.digit2 = digit2
 
     def predict(self, videos: Tensor) -> dict[str, Tensor]:
         if videos.ndim != 5 or videos.shape[1] != 3:
@@ -145,14 +150,20 @@ class SemanticScorer:
                 raise ValueError(f"labels[{key!r}] has shape {tuple(target.shape)}, expected {tuple(p.shape)}")
             correct[key] = p == target
         correct["all"] = correct["digit"] & correct["color"] & correct["direction"]
+        if self.digit2 is not None:
+            correct["digit2"] = self.digit2.correct(videos, labels["digit"])
         return correct
 
     def score(self, videos: Tensor, labels: dict[str, Tensor]) -> dict[str, float]:
-        """Accuracies per attribute and the rate of videos with all three right."""
+        """Accuracies per attribute and the rate of videos with all three right (and `digit2_acc`, the second
+        digit scorer's accuracy, when it is set)."""
         correct = self.correct(videos, labels)
-        return {"digit_acc": correct["digit"].float().mean().item(), "color_acc": correct["color"].float().mean().item(),
-                "direction_acc": correct["direction"].float().mean().item(),
-                "all_correct": correct["all"].float().mean().item()}
+        out = {"digit_acc": correct["digit"].float().mean().item(), "color_acc": correct["color"].float().mean().item(),
+               "direction_acc": correct["direction"].float().mean().item(),
+               "all_correct": correct["all"].float().mean().item()}
+        if "digit2" in correct:
+            out["digit2_acc"] = correct["digit2"].float().mean().item()
+        return out
 
 
 def ceiling_videos(num: int = 1000, split: str = "train", seed: int = 1234, **world_kwargs

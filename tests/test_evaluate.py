@@ -101,6 +101,31 @@ def test_smoke_report_has_tables_bounds_and_skipped(smoke):
         assert f"Code: commit `{meta['code']['commit'][:12]}`" in text
 
 
+def test_smoke_scores_digits_under_both_scorers_with_grids(smoke):
+    """Issue 24 item 3 / issue 25 item 7: the second digit scorer's column, interval, ceiling and floor in every
+    output, each digit comparison made under both scorers, and a side-by-side GIF per comparison."""
+    out, result, _ = smoke
+    with open(out / "per_video.csv") as f:
+        assert "digit2_acc" in next(csv.reader(f))
+    for r in result["rows"]:
+        assert r["digit2_acc_lo"] <= r["digit2_acc"] <= r["digit2_acc_hi"]
+    ceiling, floor = result["bounds"]["ground truth (ceiling)"], result["bounds"]["noise (floor)"]
+    assert ceiling["digit2_acc"] > 0.8 and floor["digit2_acc"] < 0.3
+    by_metric = {}
+    for c in result["comparisons"]:
+        by_metric.setdefault((c["label"], c["metric"]), c)
+    digit = [k for k in by_metric if k[1] == "digit_acc"]
+    assert digit and all((label, "digit2_acc") in by_metric for label, _ in digit)
+    assert all(isinstance(by_metric[k]["scorer_dependent"], bool) for k in digit)
+    text = (out / "report.md").read_text()
+    assert "Digit, 2nd scorer" in text and f"ceiling {100 * ceiling['digit2_acc']:.1f} %" in text
+    assert "## Side-by-side samples" in text
+    grids = sorted((out / "samples" / "compare").glob("*.gif"))
+    assert len(grids) == len({report.grid_name(c) for c in result["comparisons"]})
+    for g in grids:
+        assert f"(samples/compare/{g.name})" in text and g.read_bytes()[:6] == b"GIF89a"
+
+
 def test_code_version_names_the_commit_and_uncommitted_changes(tmp_path):
     from evaluation.progress import code_version
     from evaluation.report import code_line

@@ -184,7 +184,8 @@ def evaluate_claims(results_dir: Path, claims: list[dict]) -> list[dict]:
         names |= {claim["every_cache_at_or_below"]} if claim.get("every_cache_at_or_below") else set()
         not_run = sorted(n for n in names if n in skipped)
         if not_run:  # the evaluation skipped a method (skip_missing): the claim is not tested, not an error
-            out.append(entry | {"parts": [], "verdict": "not tested",
+            out.append(entry | {"parts": [], "verdict": "not tested", "metric_verdict": "not tested", "digit": None,
+                                "scorer_dependent": False,
                                 "note": "; ".join(f"{n} skipped by the evaluation: {skipped[n]}" for n in not_run)})
             continue
         expanded = expand(claim, rows)

@@ -171,3 +171,57 @@ def test_shipped_claims_name_methods_of_the_reproduction_evaluations(config):
             assert p.get("test", "greater") in claims.TESTS
         if c.get("every_cache_at_or_below"):
             assert c["every_cache_at_or_below"] in known
+
+
+def _write_source(directory: Path, per_video: dict, bounds: dict | None = None) -> None:
+    """results.json + per_video.csv of a made-up evaluation of P prompts x S seeds."""
+    directory.mkdir(parents=True, exist_ok=True)
+    report.write_per_video({n: {k: v.T.reshape(-1) for k, v in m.items()} for n, m in per_video.items()}, P,
+                           directory / "per_video.csv")
+    rows = [{"name": n, "label": n.upper(), "kind": "meanflow", "theoretical_speedup": 1.0} for n in per_video]
+    report.write_json({"meta": {"num_videos": P, "bootstrap": {"resamples": 300, "level": 0.95, "seed": 3}},
+                       "methods": rows, "bounds": bounds or {}}, directory / "results.json")
+
+
+@pytest.mark.parametrize("second_gap, verdict", [(0.1, "reproduced"), (0.0, "scorer-dependent"),
+                                                 (-0.1, "scorer-dependent")])
+def test_a_claim_whose_digit_verdict_differs_between_scorers_is_scorer_dependent(tmp_path, base, second_gap, verdict):
+    """The CNN reads A's digits 10 points better than B's; the second scorer reads +10, 0 or -10 points. The
+    semantic claim is reproduced only when both scorers' digit verdicts agree."""
+    alternating = np.where(np.arange(P)[:, None] % 2 == 0, 0.05, -0.05) * np.ones((1, S))
+    per_video = {"a": {"digit_acc": base + 0.1, "digit2_acc": base + second_gap + alternating, "semantic": base + 0.05},
+                 "b": {"digit_acc": base, "digit2_acc": base, "semantic": base}}
+    bounds = {"ground truth (ceiling)": {"digit_acc": 0.93, "digit2_acc": 0.957},
+              "noise (floor)": {"digit_acc": 0.1, "digit2_acc": 0.1}}
+    _write_source(tmp_path, per_video, bounds)
+    config = tmp_path / "claims.yaml"
+    config.write_text(yaml.safe_dump({"claims": [{"id": "c", "claim": "A beats B", "paper": "+1", "metric": "semantic",
+                                                  "parts": [{"a": "a", "b": "b"}]}]}))
+    (result,) = claims.write_claims(tmp_path, config)
+    assert result["metric_verdict"] == "reproduced" and result["verdict"] == verdict
+    assert result["digit"]["digit_acc"]["verdict"] == "reproduced"
+    assert result["scorer_dependent"] is (verdict == "scorer-dependent")
+    assert result["digit"]["digit2_acc"]["parts"][0]["diff"][0] == pytest.approx(second_gap, abs=1e-6)
+    text = (tmp_path / "claims.md").read_text()
+    assert "| Digit, CNN | Digit, 2nd scorer | Verdict |" in text and f"**{verdict}**" in text
+    assert "CNN ceiling 93.0 %, floor 10.0 %; 2nd scorer ceiling 95.7 %, floor 10.0 %" in text
+    assert "Δ +10.0 [" in text and "digit, 2nd scorer: A − B" in text
+
+
+def test_claims_on_results_without_the_second_scorer_say_it_is_unavailable(tmp_path, base):
+    """Results written before the second scorer (results/reproduction's per_video.csv has only digit_acc) keep
+    the CNN's verdict and say the second scorer is unavailable, without crashing."""
+    per_video = {"a": {"digit_acc": base + 0.1, "semantic": base + 0.05}, "b": {"digit_acc": base, "semantic": base}}
+    _write_source(tmp_path, per_video, {"ground truth (ceiling)": {"digit_acc": 0.93}, "noise (floor)": {"digit_acc": 0.1}})
+    config = tmp_path / "claims.yaml"
+    config.write_text(yaml.safe_dump({"claims": [{"id": "c", "claim": "A beats B", "paper": "+1", "metric": "semantic",
+                                                  "parts": [{"a": "a", "b": "b"}]}]}))
+    (result,) = claims.write_claims(tmp_path, config)
+    assert result["verdict"] == "reproduced" and result["digit"]["digit2_acc"]["verdict"] == "unavailable"
+    text = (tmp_path / "claims.md").read_text()
+    assert "| unavailable |" in text and "Second digit scorer unavailable" in text and "2nd scorer not scored" in text
+    # the committed reproduction (written before the second scorer) loads the same way
+    committed = claims.evaluate_claims(Path("results/reproduction"), claims.load_config("configs/claims.yaml"))
+    tested = [c for c in committed if c["digit"]]
+    assert tested and all(c["digit"]["digit2_acc"]["verdict"] == "unavailable" for c in tested)
+    assert all(c["verdict"] == c["metric_verdict"] for c in committed if c["parts"])

@@ -58,6 +58,8 @@ def interpreter_active() -> bool:
 
 
 if triton is not None:
+    _MASKED = tl.constexpr(MASKED_SCORE)  # a jit function reads only constexpr globals
+
     @triton.jit
     def _jvp_attention_kernel(
             Q, K, V, DQ, DK, DV, MASK, O, DO,
@@ -65,7 +67,7 @@ if triton is not None:
             sdqb, sdqh, sdqn, sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
             smb, smh, smm, smn, sob, soh, son,
             H, N_Q, N_K, D_QK, D_V, scale,
-            HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DV: tl.constexpr,
+            HAS_DQ: tl.constexpr, HAS_DK: tl.constexpr, HAS_DV: tl.constexpr, HAS_DS: tl.constexpr,
             MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PAD_QK: tl.constexpr, PAD_V: tl.constexpr):
         """One program = BLOCK_M query rows of one (batch, head); loops over all keys (module docstring).
@@ -102,7 +104,7 @@ if triton is not None:
                 else:
                     mval = tl.load(base + cols * smn, mask=col_ok, other=0)[None, :]
                 if MASK_KIND == 1:
-                    s = tl.where(mval != 0, s, MASKED_SCORE)
+                    s = tl.where(mval != 0, s, _MASKED)
                 else:
                     s = s + mval.to(tl.float32)
             s = tl.where(col_ok[None, :], s, float("-inf"))                           # tail keys: p = 0
@@ -114,7 +116,7 @@ if triton is not None:
             if HAS_DV:
                 dv = tl.load(DV + b * sdvb + h * sdvh + cols[:, None] * sdvn + d_v[None, :], mask=v_mask, other=0.0)
                 acc_dv = acc_dv * alpha[:, None] + tl.dot(p.to(dv.dtype), dv, input_precision=PRECISION)
-            if HAS_DQ or HAS_DK:
+            if HAS_DS:                                                                # dq or dk given
                 if HAS_DQ:
                     ds = tl.dot(dq, tl.trans(k), input_precision=PRECISION)
                     if HAS_DK:
@@ -143,17 +145,22 @@ def _pad(d: int) -> int:
     return max(16, 1 << (d - 1).bit_length())
 
 
-def block_sizes(n_q: int, n_k: int, pad_qk: int, pad_v: int, interpreted: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps). GPU: the register budget of six (BLOCK_M x D) fp32/bf16 tiles; the
-    interpreter: few, large programs (each program is a Python call)."""
+def block_sizes(n_q: int, n_k: int, pad_qk: int, pad_v: int, dtype: torch.dtype,
+                interpreted: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages). The interpreter: few, large programs (each is a Python call).
+    GPU, from ptxas on sm_90 without a GPU (no timing yet: `make gpu-check`): bf16/fp16 at these sizes use
+    255 registers with <= 1.5 KB spill; fp32 (exact `ieee` dots, a check path) small tiles, one stage,
+    64 KiB shared memory, so it launches on every CUDA GPU."""
     if interpreted:
-        return min(64, _pad(n_q)), min(128, _pad(n_k)), 1
+        return min(64, _pad(n_q)), min(128, _pad(n_k)), 1, 1
     d = max(pad_qk, pad_v)
+    if dtype == torch.float32:
+        return 32, 32, 4, 1
     if d <= 64:
-        return 64, 64, 4
+        return 64, 64, 4, 2
     if d <= 128:
-        return 64, 32, 8
-    return 32, 32, 8
+        return 64, 32, 8, 2
+    return 32, 32, 8, 2
 
 
 def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
@@ -204,7 +211,7 @@ def triton_attention_jvp(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk:
     q, k, v, dq, dk, dv = (None if x is None else x if x.stride(-1) == 1 else x.contiguous()
                            for x in (q, k, v, dq, dk, dv))
     pad_qk, pad_v = _pad(d_qk), _pad(d_v)
-    bm, bn, warps = block_sizes(n_q, n_k, pad_qk, pad_v, interpreted)
+    bm, bn, warps, stages = block_sizes(n_q, n_k, pad_qk, pad_v, q.dtype, interpreted)
     bm, bn = block_m or bm, block_n or bn
     out = torch.empty(b, h, n_q, d_v, dtype=q.dtype, device=q.device)
     tangent = torch.empty_like(out)
@@ -224,9 +231,10 @@ def triton_attention_jvp(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk:
         q, k, v, q if dq is None else dq, k if dk is None else dk, v if dv is None else dv, m, out, tangent,
         *strides(q), *strides(k), *strides(v), *strides(dq), *strides(dk), *strides(dv), *mask_strides,
         *out.stride()[:3], h, n_q, n_k, d_qk, d_v, float(scale),
-        HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None,
+        HAS_DQ=dq is not None, HAS_DK=dk is not None, HAS_DV=dv is not None, HAS_DS=dq is not None or dk is not None,
         MASK_KIND=mask_kind, MASK_ROWS=mask_rows, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        BLOCK_M=bm, BLOCK_N=bn, PAD_QK=pad_qk, PAD_V=pad_v, num_warps=warps)
+        BLOCK_M=bm, BLOCK_N=bn, PAD_QK=pad_qk, PAD_V=pad_v, num_warps=warps,
+        num_stages=stages)
     return out.to(out_dtype), tangent.to(out_dtype)
 
 

@@ -102,6 +102,16 @@ def test_triton_gpu_check_shape_logic_and_arguments():
     assert text.splitlines()[2:] == ["| a | x 1.235 | yes |", "| b |  | NO |", "| c |  |  |"]
 
 
+def test_triton_kernel_compiles_for_a_cuda_target(tmp_path):
+    """The GPU build (sm_90, bf16, D 128, the launcher's blocks) compiles to a cubin here, without a GPU."""
+    proc = subprocess.run([sys.executable, "tests/triton_compile_check.py"], cwd=ROOT, capture_output=True, text=True,
+                          env={**PLAIN, "TRITON_CACHE_DIR": str(tmp_path)}, timeout=600)  # a fresh compile
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["dtype"] == "bf16" and result["head_dim"] == 128 and result["cubin_bytes"] > 0
+    assert result["shared_bytes"] <= 100 * 1024  # fits every CUDA GPU's shared memory per block
+
+
 def test_triton_unsupported_inputs_fall_back_to_the_blocked_rule(monkeypatch, caplog):
     monkeypatch.setattr(models.jvp, "_fallbacks_logged", set())
     gen = torch.Generator().manual_seed(0)

@@ -10,6 +10,7 @@ polynomial and writes `<model_dir>/teacache_<mode>_<num_steps>.json` (or `--out`
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -18,7 +19,7 @@ from jsonargparse import CLI  # noqa: E402
 
 from caching.teacache_calibration import calibrate_teacache, calibration_path  # noqa: E402
 from datamodules.latent_video import LatentVideoDataModule, batch_text  # noqa: E402
-from models.io import load_backbone  # noqa: E402
+from models.io import check_config_files, load_backbone  # noqa: E402
 from sampling.sampler import ModelVelocity  # noqa: E402
 
 
@@ -64,4 +65,5 @@ def main(model_dir: str, data_dir: str, num_steps: int = 20, mode: str = "cfg", 
 
 
 if __name__ == "__main__":
+    check_config_files(sys.argv[1:])  # a YAML syntax error names its file
     CLI(main, as_positional=False)

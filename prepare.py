@@ -19,15 +19,19 @@ from datamodules import moving_digits as world  # noqa: E402
 from datamodules.shards import is_shard_file, prepare_from_videos, prepare_moving_digits  # noqa: E402
 from datamodules.text_encoder import MAX_LENGTH  # noqa: E402
 from datamodules.video_source import add_pipeline_args, prepare_with_pipeline  # noqa: E402
+from models.io import check_writable  # noqa: E402
 
 
 def check_sizes(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Sizes that would build an empty or broken dataset are refused before anything is written."""
-    minimum = {"num_train": 1, "num_val": 0, "shard_size": 1, "max_length": 1, "num_frames": 1, "size": 1}
+    minimum = {"num_train": 1, "num_val": 0, "shard_size": 1, "max_length": 1, "num_frames": 1, "size": 1,
+               "frames": 1, "frame_stride": 1, "height": 1, "width": 1, "text_length": 1}
+    meaning = {"frame_stride": " (1 takes every frame, 2 every other one)",
+               "text_length": " (or leave it out for the pipeline's own length)"}
     for name, low in minimum.items():
         value = getattr(args, name, None)
         if value is not None and value < low:
-            p.error(f"--{name} must be >= {low}, got {value}")
+            p.error(f"--{name} must be >= {low}{meaning.get(name, '')}, got {value}")
 
 
 def check_output_dir(p: argparse.ArgumentParser, out: str, overwrite: bool) -> None:
@@ -41,6 +45,10 @@ def check_output_dir(p: argparse.ArgumentParser, out: str, overwrite: bool) -> N
     if others and not overwrite:
         p.error(f"--out {out} is not empty ({len(entries)} entries, e.g. {others[:3]}); pass --overwrite to "
                 f"replace the dataset there (its old shards are removed, other files are kept) or choose another --out")
+    try:
+        check_writable(path, "--out")  # before any encoding work
+    except PermissionError as err:
+        p.error(str(err))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -5,28 +5,52 @@ are parsed with omegaconf interpolation resolved after command-line overrides.
 """
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Any
+import sys
 
-import lightning as L
-from jsonargparse import set_parsing_settings
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from callbacks.run_lock import RunLock, is_launch_rank_zero, refuse_if_locked
 
-from callbacks.divergence import DivergenceGuard
-from distributed.zero_init import builds_partitioned
-from models.io import defer_init, deferred_loading
-from models.mmdit import MMDiT
+if __name__ == "__main__":  # before the slow imports below: a run into a locked root stops within a second
+    refuse_if_locked(sys.argv[1:])
+
+import re  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import lightning as L  # noqa: E402
+from jsonargparse import set_parsing_settings  # noqa: E402
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa: E402
+
+from callbacks.checkpointing import ExportOnTrainEnd, checkpoint_problem, find_resumable  # noqa: E402
+from callbacks.divergence import DivergenceGuard  # noqa: E402
+from distributed.zero_init import builds_partitioned  # noqa: E402
+from models.io import check_config_files, defer_init, deferred_loading  # noqa: E402
+from models.mmdit import MMDiT  # noqa: E402
 
 # argparse (Python < 3.13) takes `-1e-3` for an option name because its negative-number pattern has no
 # exponent, so `--model.init_args.lr -1e-3` failed; this pattern (ints, decimals, exponents) fixes that.
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
+class ReleaseRunLock(L.Callback):
+    """Frees the root directory's lock when fit ends, however it ends."""
+
+    def __init__(self, lock: RunLock):
+        self.lock = lock
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.lock.release()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self.lock.release()
+
+
 class DisCaCLI(LightningCLI):
     parse_only = False
+    run_lock: RunLock | None = None
 
     def before_instantiate_classes(self) -> None:
+        if not self.parse_only and is_launch_rank_zero():  # one run per root directory (callbacks/run_lock.py)
+            self.run_lock = RunLock(self.config.trainer.default_root_dir or Path.cwd()).acquire()
         # seed before the models are built, so that their initialisation is reproducible too
         if not self.parse_only:
             L.seed_everything(self.config.seed, workers=True)
@@ -50,6 +74,8 @@ class DisCaCLI(LightningCLI):
         """Every stage runs with a `DivergenceGuard`: the configured one, else a default one. It goes
         first, so it stops a diverged step before ModelCheckpoint/ExportOnTrainEnd save it."""
         trainer = super().instantiate_trainer(**kwargs)
+        if self.run_lock is not None:
+            trainer.callbacks.append(ReleaseRunLock(self.run_lock))
         guards = [c for c in trainer.callbacks if isinstance(c, DivergenceGuard)]
         for guard in guards:
             trainer.callbacks.remove(guard)
@@ -65,6 +91,7 @@ class DisCaCLI(LightningCLI):
 
 
 def build_cli(args: list[str] | None = None, parse_only: bool = False) -> DisCaCLI:
+    check_config_files(sys.argv[1:] if args is None else args)  # a YAML syntax error names its file
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
     cls = type("ParseOnlyCLI", (DisCaCLI,), {"parse_only": True}) if parse_only else DisCaCLI
     return cls(
@@ -82,24 +109,42 @@ def parse_config(args: list[str]):
 
 
 def resolve_ckpt_path(trainer: L.Trainer, ckpt_path: str | None) -> str | None:
-    """`last` -> the newest `last*.ckpt` of the run's checkpoint directories. Lightning only warns and
-    trains from scratch when there is none; resuming nothing is an error here."""
-    if ckpt_path != "last":
+    """`last` -> the newest complete `last*.ckpt` of the run's checkpoint directories. Lightning only warns
+    and trains from scratch when there is none; resuming nothing is an error here. An incomplete sharded
+    checkpoint directory (a kill while it was written) is passed over, saying so, for the newest complete
+    one beside it (callbacks/checkpointing.py: find_resumable)."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last":
+        dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    elif Path(ckpt_path).is_dir() and checkpoint_problem(ckpt_path) is not None:
+        dirs = [Path(ckpt_path).parent]
+    else:
         return ckpt_path
-    dirs = [Path(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
-    found = [p for d in dirs for p in d.glob("last*.ckpt")]
-    if not found:
+    found, notes = find_resumable(dirs)
+    if found is None:
         where = [str(d) for d in dirs] or "any checkpoint directory"
-        raise FileNotFoundError(f"--ckpt_path last: no last*.ckpt in {where}; nothing to resume. Drop --ckpt_path "
-                                f"to start a new run.")
-    return str(max(found, key=lambda p: p.stat().st_mtime))
+        exports = [cb.dirpath for cb in trainer.callbacks if isinstance(cb, ExportOnTrainEnd)]
+        start = (f"delete the export {exports[0]} of the interrupted run (or set another --trainer.default_root_dir) "
+                 "and drop --ckpt_path" if exports and Path(exports[0]).exists() else "drop --ckpt_path")
+        raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no last*.ckpt in {where} is complete"
+                                + (f" ({'; '.join(notes)})" if notes else "") + f"; nothing to resume. To start a new "
+                                f"run, {start}.")
+    if notes:
+        print(f"--ckpt_path {ckpt_path}: a checkpoint write was interrupted ({'; '.join(notes)}); resuming from "
+              f"{found}, the newest complete checkpoint", file=sys.stderr, flush=True)
+    return str(found)
 
 
 def main(args: list[str] | None = None) -> dict[str, Any]:
     """Parse, fit, and return the final logged metrics (so tests can call it)."""
     cli = build_cli(args)
-    ckpt_path = resolve_ckpt_path(cli.trainer, cli.config.ckpt_path)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    try:
+        ckpt_path = resolve_ckpt_path(cli.trainer, cli.config.ckpt_path)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    finally:
+        if cli.run_lock is not None:
+            cli.run_lock.release()
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
 
 

@@ -236,8 +236,16 @@ class VideoJob:
     width: int
 
 
+def source_signature(path: Path) -> list:
+    """(name, size, mtime_ns) of a video file, or of every file of a PNG-sequence folder: a clip replaced
+    under the same name changes it."""
+    files = sorted(f for f in path.iterdir() if f.is_file()) if path.is_dir() else [path]
+    return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
 def _fingerprint(job: VideoJob, encoder: PipelineEncoder, split: str, members: list[int], max_length: int) -> str:
     key = json.dumps([str(encoder.path), encoder.name, split, [job.files[i].name for i in members],
+                      [source_signature(job.files[i]) for i in members],
                       [job.prompts[i] for i in members], job.num_frames, job.frame_stride, job.height, job.width,
                       max_length])
     return hashlib.sha256(key.encode()).hexdigest()
@@ -256,6 +264,10 @@ def prepare_from_pipeline(out: str | Path, video_dir: str | Path, pipeline: str 
     """Encode the videos of `video_dir` with the VAE and text encoders of the pipeline at `pipeline`."""
     from tqdm.auto import tqdm
 
+    for name, value in (("frames", num_frames), ("frame_stride", frame_stride), ("height", height), ("width", width),
+                        ("text_length", max_length)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
     files = list_videos(video_dir)
     prompts = read_captions(files, captions or Path(video_dir) / VIDEO_PROMPTS_FILE)
     if not 0 <= num_val < len(files):
@@ -267,7 +279,7 @@ def prepare_from_pipeline(out: str | Path, video_dir: str | Path, pipeline: str 
     if height % encoder.spatial_ratio or width % encoder.spatial_ratio:
         raise ValueError(f"height x width {height}x{width} must be divisible by the VAE's spatial compression "
                          f"{encoder.spatial_ratio}")
-    max_length = max_length or encoder.default_length
+    max_length = encoder.default_length if max_length is None else max_length
     job = VideoJob(files, prompts, num_frames, frame_stride, height, width)
     for i in range(len(files)):  # fail on an unreadable or short video before any encoding work
         clip = decode_video(files[i])
@@ -355,9 +367,9 @@ def add_pipeline_args(parser) -> None:
                                       "encoders encode the videos and prompts")
     g.add_argument("--captions", help="JSON {video file name: prompt} (default VIDEO_DIR/prompts.json)")
     g.add_argument("--frames", type=int, default=33, help="frames per clip, 4k+1 (default 33)")
-    g.add_argument("--frame_stride", type=int, default=1, help="take every n-th frame")
-    g.add_argument("--height", type=int, default=320)
-    g.add_argument("--width", type=int, default=512)
+    g.add_argument("--frame_stride", type=int, default=1, help="take every n-th frame (>= 1)")
+    g.add_argument("--height", type=int, default=320, help="frame height in pixels (a multiple of the VAE's factor)")
+    g.add_argument("--width", type=int, default=512, help="frame width in pixels (a multiple of the VAE's factor)")
     g.add_argument("--encoder_dtype", default="float32", help="dtype of the VAE and text encoders (e.g. bfloat16 on GPU)")
     g.add_argument("--text_length", type=int, default=None,
                    help="prompt tokens (default: the pipeline's, 256 HunyuanVideo / 512 Wan)")

@@ -58,6 +58,7 @@ STAGE_CLASSES = {"lightning_modules.flow_matching.FlowMatchingModule": "flow_mat
                  "lightning_modules.predictor_gan.PredictorGANModule": "predictor_gan"}
 STRATEGIES = ("ddp", "fsdp2", "deepspeed_zero3")
 PRECISIONS = ("32", "bf16-mixed")
+MAX_GPUS = 16384  # the largest single training jobs reported (Llama 3: 16k H100s); beyond it the plan means nothing
 
 
 @dataclass
@@ -187,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_per_gpu", type=int, default=1)
     p.add_argument("--no_activation_checkpointing", action="store_true")
     args = parser.parse_args(argv)
+    for name, value, high in (("gpus", args.gpus, MAX_GPUS), ("seq_tokens", args.seq_tokens, None),
+                              ("batch_per_gpu", args.batch_per_gpu, None)):
+        if value < 1 or (high is not None and value > high):
+            p.error(f"--{name} {value} is out of range: give an integer from 1" + (f" to {high}" if high else ""))
     try:
         config_stage, init_args = stage_of_config(args.config)
         rows = [plan_stage(stage, args.backbone, args.gpus, args.strategy, args.seq_tokens, args.precision,

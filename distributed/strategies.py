@@ -20,10 +20,13 @@ from lightning.pytorch.accelerators import CUDAAccelerator  # noqa: E402
 from lightning.fabric.utilities.seed import reset_seed  # noqa: E402
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, ModelParallelStrategy, Strategy  # noqa: E402
 
+from callbacks.checkpointing import AtomicShardedSave  # noqa: E402
 
-class DeepSpeedZeRO3(DeepSpeedStrategy):
+
+class DeepSpeedZeRO3(AtomicShardedSave, DeepSpeedStrategy):
     """`DeepSpeedStrategy(config=...)` that also runs on CPU. The ZeRO config lives in the preset
-    (`configs/strategy/deepspeed_zero3.yaml`), not here."""
+    (`configs/strategy/deepspeed_zero3.yaml`), not here. Its checkpoint directory is written atomically
+    (`AtomicShardedSave`, callbacks/checkpointing.py)."""
 
     def setup_environment(self) -> None:
         if isinstance(self.accelerator, CUDAAccelerator):
@@ -64,13 +67,17 @@ class DeepSpeedZeRO3(DeepSpeedStrategy):
 
 
 
-class FSDP2(ModelParallelStrategy):
+class FSDP2(AtomicShardedSave, ModelParallelStrategy):
     """Lightning's ModelParallelStrategy (FSDP2 `fully_shard` in `configure_model`, CPU and GPU) with
     every rank data-parallel by default: its own 'auto' puts the processes of a node on a tensor-parallel
-    axis, which these stages do not use."""
+    axis, which these stages do not use. Its distributed checkpoint directory is written atomically
+    (`AtomicShardedSave`, callbacks/checkpointing.py)."""
 
     def __init__(self, data_parallel_size: int | str = "auto", tensor_parallel_size: int = 1, **kwargs):
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=tensor_parallel_size, **kwargs)
+
+    def saves_directory(self) -> bool:
+        return self._save_distributed_checkpoint
 
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":

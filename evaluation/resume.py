@@ -9,11 +9,13 @@ sampling again only when the fingerprint is equal; the scores are then computed 
 exactly as from fresh ones, so a resumed evaluation writes the same numbers as an uninterrupted one.
 
 The fingerprint covers the method's spec and the reference's (the timing is a ratio to it), the
-prompt set's tensors (data, prompts, seeds, noise), the export files behind both (name, size and
-modification time: a retrained or re-exported model is never mistaken for the old one) and the source
-of the code that samples (`SAMPLING_CODE`: models, samplers, caches, data, the diffusers integration,
-`evaluation/methods.py` and `efficiency.py`). A file
-whose fingerprint differs is stale: it is named in the log and recomputed, never reused.
+prompt set's tensors (data, prompts, seeds, noise), every file a method reads besides them: the export
+files behind both (name, size, modification time and a sha256 of the contents) and any file its cache
+settings name (a TeaCache calibration, wherever it lives), and the source of the code that samples
+(`SAMPLING_CODE`: models, samplers, caches, data, the diffusers integration, `evaluation/methods.py` and
+`efficiency.py`). A file whose fingerprint differs is stale: it is named in the log and recomputed, never
+reused. The stored videos carry a sha256 of their bytes, checked when they are read: a damaged file is
+named in the log and recomputed too.
 
 Names and labels are not part of the fingerprint, so an evaluation may also take a method from another
 evaluation's store (`reuse_from` in evaluate.py) when it samples the same thing: `make reproduce`'s Figure-1
@@ -40,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLING_CODE = ("models", "sampling", "caching", "datamodules", "integration", "evaluation/methods.py",
                  "evaluation/efficiency.py")
 """the sources whose change makes stored videos and costs stale (relative to the repository root)"""
-FORMAT = 2
+FORMAT = 3
 """layout of the stored record; bump it when RECORD_KEYS or their meaning change"""
 RECORD_KEYS = frozenset({"efficiency", "method_s", "reference_s", "seconds"})
 """what evaluate.py stores per method: Efficiency fields, interleaved method / reference seconds, and the
@@ -70,14 +72,42 @@ def prompt_digest(prompts: PromptSet) -> str:
     return digest.hexdigest()
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's contents, computed once per (path, inode, size, mtime, ctime) in a process (a 26 GB
+    export is read once per evaluation, not once per method; any write changes the ctime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                digest.update(chunk)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
 def export_signature(path: str | None) -> list | str | None:
-    """(relative name, size, mtime_ns) of every file under an export directory; the string itself for
-    what is not a directory ('random:tiny', 'reuse', None)."""
-    if path is None or not Path(path).is_dir():
+    """(relative name, size, mtime_ns, sha256) of every file under an export directory, or of the file
+    itself; the string itself for what is neither ('random:tiny', 'reuse', None)."""
+    if path is None or not Path(path).exists():
         return path
     root = Path(path)
-    return [[str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns]
-            for f in sorted(root.rglob("*")) if f.is_file()]
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+    return [[f.name if f == root else str(f.relative_to(root)), f.stat().st_size, f.stat().st_mtime_ns, file_digest(f)]
+            for f in files]
+
+
+def read_files(kwargs: dict) -> dict:
+    """The signature of every existing file or directory named by a string in a method's cache settings (a
+    TeaCache `calibration`, ...): what the method reads besides its exports."""
+    return {k: export_signature(v) for k, v in sorted(kwargs.items()) if isinstance(v, str) and Path(v).exists()}
+
+
+def videos_digest(videos: Tensor) -> str:
+    return hashlib.sha256(videos.contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 COSMETIC_FIELDS = ("name", "label", "train_config", "predictor_train_config", "ablation")
@@ -86,7 +116,8 @@ COSMETIC_FIELDS = ("name", "label", "train_config", "predictor_train_config", "a
 
 def _spec_entry(spec: MethodSpec) -> dict:
     sampling = {k: v for k, v in asdict(spec).items() if k not in COSMETIC_FIELDS}
-    return {"spec": sampling, "model": export_signature(spec.model), "predictor": export_signature(spec.predictor)}
+    return {"spec": sampling, "model": export_signature(spec.model), "predictor": export_signature(spec.predictor),
+            "reads": read_files(spec.cache_kwargs)}
 
 
 def fingerprint(spec: MethodSpec, reference: MethodSpec, context: dict) -> str:
@@ -141,7 +172,13 @@ class MethodResults:
                 record = json.loads(meta["record"])
                 if set(record) != RECORD_KEYS:
                     raise ValueError(f"record keys {sorted(record)}, expected {sorted(RECORD_KEYS)}")
-                return f.get_tensor("videos"), record
+                videos = f.get_tensor("videos")
+            if videos_digest(videos) != meta.get("videos_sha256"):
+                if not quiet:
+                    self.log(f"{name}: stored result {path} is damaged (its videos do not match their sha256): "
+                             "not used")
+                return None
+            return videos, record
         except (OSError, KeyError, ValueError, SafetensorError) as err:  # unreadable: recompute, say why
             if not quiet:
                 self.log(f"{name}: stored result {path} cannot be read ({err}): not used")
@@ -151,6 +188,7 @@ class MethodResults:
         """Write atomically (a kill leaves the old file or the new one, never a partial one)."""
         if set(record) != RECORD_KEYS:
             raise ValueError(f"{name}: record keys {sorted(record)}, expected {sorted(RECORD_KEYS)}")
-        data = save({"videos": videos.detach().float().cpu().contiguous()},
-                    metadata={"fingerprint": fingerprint, "record": json.dumps(record)})
+        videos = videos.detach().float().cpu().contiguous()
+        data = save({"videos": videos}, metadata={"fingerprint": fingerprint, "record": json.dumps(record),
+                                                  "videos_sha256": videos_digest(videos)})
         return atomic_write(self.path(name), data)

@@ -90,9 +90,14 @@ class FlowMatchingModule(L.LightningModule):
             norm = torch.nn.utils.clip_grad_norm_(self.backbone.parameters(), self.hparams.grad_clip)
             self.log("train/grad_norm", full_value(norm))
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The step, then the EMA update: here, not in `on_train_batch_end`, which Lightning runs after the
+        callbacks' (ModelCheckpoint saves in theirs), so that a checkpoint holds its own step's EMA and a
+        resumed run exports the weights of an uninterrupted one. Lightning counts the step (`global_step`)
+        only after this hook returns."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if optimizer_stepped(self, batch_idx):
-            ema_update(self.ema, self.backbone, ema_decay_at(self.global_step, self.hparams.ema_decay))
+            ema_update(self.ema, self.backbone, ema_decay_at(self.global_step + 1, self.hparams.ema_decay))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         # fixed noise and times per batch so the curve is comparable across evaluations

@@ -42,8 +42,8 @@ demo: $(STAMP)
 reproduce: $(STAMP)
 	$(PY) scripts/demo.py --config configs/reproduce.yaml --device $(DEVICE)
 
-# Retrain (or continue training) the default teacher into outputs/teacher; see README "The default world
-# and teacher". Resumes outputs/teacher when its checkpoint is there; `make teacher TEACHER_INIT=assets/teacher`
+# Retrain (or continue training) the default teacher into outputs/teacher; see docs/stages.md ("The default world
+# and teacher"). Resumes outputs/teacher when its checkpoint is there; `make teacher TEACHER_INIT=assets/teacher`
 # instead starts a new run from the shipped weights (fresh optimizer) rather than from scratch. The shipped
 # assets/teacher is replaced only when asked explicitly: `make teacher SHIP=1`.
 TEACHER_CKPT := outputs/teacher/checkpoints/last.ckpt

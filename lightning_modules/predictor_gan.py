@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.latent_video import batch_text
+from distributed.sequence_parallel import data_parallel
 from distributed.strategies import check_stage_host
 from lightning_modules.common import (check_guidance_range, deepspeed_gradient_clipping, finite_or_raise, freeze,
                                       gathered_state_dict, is_deepspeed, materialize_deferred, sample_guidance,
@@ -67,8 +68,8 @@ def sample_generators(module: L.LightningModule, seed: int, batch: int, size: in
     draw exactly what one process with the global batch of world_size * size draws (the data samplers give
     rank k positions k, k + world_size, ... of one order, so with a per-rank batch of 1 rank k holds the
     1-process batch's sample k)."""
-    trainer = module.trainer
-    first = (batch * trainer.world_size + trainer.global_rank) * size
+    replicas, rank = data_parallel(module.trainer)  # the S ranks of a sequence-parallel group draw alike
+    first = (batch * replicas + rank) * size
     return [step_generator(seed, first + i, module.device) for i in range(size)]
 
 
@@ -115,7 +116,7 @@ class PredictorGANModule(L.LightningModule):
                 input: 'x_next'}. gain multiplies D's input (models.discriminator.Discriminator).
                 input 'x_next' (default, the paper): D on M's features of x_t''; 'residual': D on the
                 correction u - head(C, vec) over the training-free reuse, patchified, without M's
-                features (feature_layers unused; BENCHMARKS.md "GAN diagnosis" for why).
+                features (feature_layers unused; results/gan_diagnosis/README.md for why).
             delta_max: largest step Delta between the cached and the predicted time, in [0, 1].
             restrict: R, the largest interval t - r (as in stage 2).
             guidance_min: smallest distilled CFG scale g drawn (ignored without a guidance input).

@@ -191,7 +191,8 @@ class RestrictedMeanFlowModule(EMAStudentModule):
         return {"loss": loss, "mse": mse, "v": v, "dudt": dudt, "u_tgt": u_tgt, "interval": t - r}
 
     def setup(self, stage: str) -> None:
-        check_jvp_attention(self.hparams.jvp_attention, self.trainer.strategy.root_device)
+        if self.hparams.jvp_attention == "triton":  # the kernel on this run's device (CPU: the interpreter)
+            check_jvp_attention("triton", self.trainer.strategy.root_device)
         check_zero_config_for_jvp(self.trainer.strategy, self.hparams.jvp_method != "finite_difference")
         if self.hparams.jvp_method == "func" and zero_stage(self.trainer.strategy) == 3:
             raise ValueError("jvp_method 'func' (torch.func.jvp) does not run under DeepSpeed ZeRO-3 (SPEC §9.1): "

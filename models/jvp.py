@@ -53,14 +53,17 @@ def linear_jvp(x: Tensor, dx: Tensor, weight: Tensor, bias: Tensor | None) -> tu
 
 def attention_jvp(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Tensor | None, dv: Tensor | None,
                   mask: Tensor | None = None, scale: float | None = None,
-                  block_elements: int = ATTENTION_BLOCK_ELEMENTS, backend: str = "blocked") -> tuple[Tensor, Tensor]:
+                  block_elements: int = ATTENTION_BLOCK_ELEMENTS, backend: str = "blocked",
+                  key_padding_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Softmax attention over (..., N, D) and its tangent (module docstring). `mask` is SDPA's: boolean
-    (True = attend) or additive, broadcastable to (..., N_q, N_k); missing tangents are zero. `backend`
+    (True = attend) or additive, broadcastable to (..., N_q, N_k); `key_padding_mask` (B, N_k) bool (True =
+    a real key) for (B, H, N, D) inputs, combined with `mask`; missing tangents are zero. `backend`
     (JVP_ATTENTION_BACKENDS): 'blocked' = the rule below in query blocks; 'triton' = the fused kernel
     (inputs it does not support fall back to the blocked rule, logged once per reason); 'auto' = the kernel
     for CUDA tensors it supports, the blocked rule otherwise."""
     if backend not in JVP_ATTENTION_BACKENDS:
         raise ValueError(f"unknown JVP attention backend {backend!r}; expected one of {JVP_ATTENTION_BACKENDS}")
+    mask = merge_key_padding(mask, key_padding_mask)
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         from models.jvp_triton import triton_attention_jvp, unsupported_reason
 
@@ -99,6 +102,22 @@ def attention_jvp(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: Tensor
             tangent = tangent.add_(p @ dv)
         tangents.append(tangent)
     return torch.cat(outs, -2), torch.cat(tangents, -2)
+
+
+def merge_key_padding(mask: Tensor | None, key_padding_mask: Tensor | None) -> Tensor | None:
+    """One SDPA mask from `mask` and a (B, N_k) bool key-padding mask (as (B, 1, 1, N_k); a padded key gets
+    the additive mask's dtype minimum, as the blocked rule gives boolean masks)."""
+    if key_padding_mask is None:
+        return mask
+    if key_padding_mask.dtype != torch.bool or key_padding_mask.dim() != 2:
+        raise ValueError(f"key_padding_mask must be (B, N_k) bool, got {tuple(key_padding_mask.shape)} "
+                         f"{key_padding_mask.dtype}")
+    keys = key_padding_mask[:, None, None, :]
+    if mask is None:
+        return keys
+    if mask.dtype == torch.bool:
+        return mask & keys
+    return mask.masked_fill(~keys, torch.finfo(mask.dtype).min)
 
 
 def _linear_args(input, weight, bias=None):

@@ -73,7 +73,7 @@ if triton is not None:
         """One program = BLOCK_M query rows of one (batch, head); loops over all keys (module docstring).
         MASK_KIND: 0 none, 1 boolean (stored as uint8), 2 additive; MASK_ROWS: the mask varies over queries."""
         pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
-        b, h = pid_bh // H, pid_bh % H
+        b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)  # 64-bit (batch, head) offsets
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         d_qk, d_v = tl.arange(0, PAD_QK), tl.arange(0, PAD_V)
         row_ok = rows < N_Q
@@ -184,8 +184,8 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: T
             return f"tangent {name} {tuple(x.shape)} {x.dtype} differs from its primal"
     if any(x is not None and x.requires_grad for x in (q, k, v, dq, dk, dv)) and torch.is_grad_enabled():
         return "inputs require grad (the kernel has no backward)"
-    if max(x.numel() for x in (q, k, v)) >= 2 ** 31:
-        return "a tensor of >= 2^31 elements (32-bit offsets)"
+    if max(x.shape[2] * x.stride(2) for x in (q, k, v)) >= 2 ** 31:
+        return "one head's rows span >= 2^31 elements (32-bit row offsets)"
     if mask is not None:
         if mask.dim() > 4 or not (mask.dtype == torch.bool or mask.is_floating_point()):
             return f"mask {tuple(mask.shape)} {mask.dtype}"

@@ -127,6 +127,24 @@ def test_triton_unsupported_inputs_fall_back_to_the_blocked_rule(monkeypatch, ca
     torch.testing.assert_close(auto[1], ref_t, rtol=0, atol=0)
 
 
+def test_triton_key_padding_mask_merges_with_sdpa_masks():
+    gen = torch.Generator().manual_seed(1)
+    q, k, v, dq, dk, dv = (torch.randn(2, 2, 6, 8, generator=gen, dtype=torch.float64) for _ in range(6))
+    keys = torch.tensor([[True] * 6, [True] * 3 + [False] * 3])
+    additive = torch.randn(2, 1, 6, 6, generator=gen, dtype=torch.float64)
+    pairs = [(dict(key_padding_mask=keys), keys[:, None, None, :]),
+             (dict(mask=additive, key_padding_mask=keys), additive.masked_fill(~keys[:, None, None, :], -1e300)),
+             (dict(mask=keys[:, None, :, None].expand(2, 1, 6, 6), key_padding_mask=keys),
+              keys[:, None, :, None] & keys[:, None, None, :])]
+    for given, merged in pairs:
+        for backend in ("blocked", "triton"):  # triton on CPU without the interpreter: the logged fallback
+            out, tan = attention_jvp(q, k, v, dq, dk, dv, backend=backend, **given)
+            ref, ref_t = attention_jvp(q, k, v, dq, dk, dv, merged, backend="blocked")
+            torch.testing.assert_close((out, tan), (ref, ref_t), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match=r"key_padding_mask must be \(B, N_k\) bool"):
+        attention_jvp(q, k, v, dq, dk, dv, key_padding_mask=keys.float())
+
+
 def test_triton_unknown_backend_is_refused(tiny_mmdit):
     from lightning_modules.meanflow import RestrictedMeanFlowModule
 

@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from models.jvp import attention_jvp  # noqa: E402
+from models.jvp import attention_jvp, merge_key_padding  # noqa: E402
 from models.jvp_triton import interpreter_active, reference_attention_jvp, unsupported_reason  # noqa: E402
 
 # name: (B, H, N_q, N_k, D, mask kind, tangents given, dtype, block_m, block_n); blocks None = the launcher's
@@ -29,6 +29,7 @@ CASES = {
     "tail_37_53_blocks_16": (1, 2, 37, 53, 64, None, "qkv", torch.float32, 16, 16),
     "nq_ne_nk_key_padding": (2, 2, 45, 77, 24, "key_padding", "qkv", torch.float32, 16, 32),
     "padded_keys_head_dim_128": (2, 2, 100, 100, 128, "key_padding", "qkv", torch.float32, None, None),
+    "key_padding_mask_argument": (3, 2, 100, 100, 128, "key_padding_2d", "qkv", torch.float32, None, None),
     "bool_full_mask": (1, 2, 20, 30, 8, "bool_full", "qkv", torch.float32, None, None),
     "additive_mask": (2, 2, 33, 40, 40, "additive", "qkv", torch.float32, 16, 16),
     "tangent_q_only": (2, 2, 50, 50, 16, "key_padding", "q", torch.float32, None, None),
@@ -53,6 +54,7 @@ def make_inputs(b, h, n_q, n_k, d, mask_kind, tangents, gen):
     valid[0] = max(1, n_k // 2)  # at least one row with padded keys
     mask = {None: None,
             "key_padding": (torch.arange(n_k)[None] < valid[:, None])[:, None, None, :],
+            "key_padding_2d": torch.arange(n_k)[None] < valid[:, None],  # attention_jvp's key_padding_mask
             "bool_full": torch.rand(b, h, n_q, n_k, generator=gen) > 0.3,
             "additive": torch.randn(b, 1, n_q, n_k, generator=gen)}[mask_kind]
     if mask_kind == "bool_full":
@@ -69,12 +71,15 @@ def relative(x: Tensor, ref: Tensor) -> float:
 def kernel_case(name, b, h, n_q, n_k, d, mask_kind, tangents, dtype, bm, bn, gen) -> dict:
     q, k, v, dq, dk, dv, mask = make_inputs(b, h, n_q, n_k, d, mask_kind, tangents, gen)
     cast = [None if x is None else x.to(dtype) for x in (q, k, v, dq, dk, dv)]
-    assert unsupported_reason(*cast, mask) is None, (name, unsupported_reason(*cast, mask))
-    if bm is None:
+    if mask_kind == "key_padding_2d":
+        out, tan = attention_jvp(*cast, backend="triton", key_padding_mask=mask)
+        mask = merge_key_padding(None, mask)
+    elif bm is None:
         out, tan = attention_jvp(*cast, mask, backend="triton")  # the dispatch, the launcher's own blocks
     else:
         from models.jvp_triton import triton_attention_jvp
         out, tan = triton_attention_jvp(*cast, mask, block_m=bm, block_n=bn)
+    assert unsupported_reason(*cast, mask) is None, (name, unsupported_reason(*cast, mask))  # no fallback
     ref, ref_t = reference_attention_jvp(*(None if x is None else x.to(dtype) for x in (q, k, v, dq, dk, dv)),
                                          mask)
     return {"shape": [b, h, n_q, n_k, d], "mask": mask_kind, "tangents": tangents, "dtype": str(dtype),

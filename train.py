@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI  # noqa:
 
 from callbacks.checkpointing import ExportOnTrainEnd, checkpoint_problem, find_resumable  # noqa: E402
 from callbacks.divergence import DivergenceGuard  # noqa: E402
+from distributed import sequence_parallel_strategy  # noqa: E402
 from distributed.zero_init import builds_partitioned  # noqa: E402
 from models.io import check_config_files, defer_init, deferred_loading  # noqa: E402
 from models.mmdit import MMDiT  # noqa: E402
@@ -80,12 +81,16 @@ class DisCaCLI(LightningCLI):
         for guard in guards:
             trainer.callbacks.remove(guard)
         trainer.callbacks.insert(0, guards[0] if guards else DivergenceGuard())
+        sequence_parallel_strategy.enable(trainer, self.model, self.config.sequence_parallel_size)
         return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--ckpt_path", type=str | None, default=None,
                             help="resume from this Lightning checkpoint ('last' = the newest last.ckpt)")
         parser.add_argument("--seed", type=int, default=0, help="global seed (torch, numpy, python)")
+        parser.add_argument("--sequence_parallel_size", type=int, default=1,
+                            help="Ulysses sequence parallelism: S ranks share each sample's video tokens (S divides "
+                                 "the number of processes; data parallel over the rest; any strategy preset)")
         parser.add_argument("--pipeline", type=str | None, default=None,
                             help="local diffusers pipeline directory (configs/hunyuan_video, configs/wan: ${pipeline})")
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from datamodules.resumable import ResumableDataLoader
+from distributed.sequence_parallel import data_parallel
 from datamodules.shards import FORMAT_VERSION, LABEL_KEYS, METADATA_FILE, prepare_moving_digits, sha256_file
 from models.protocol import TextCond
 
@@ -258,9 +259,9 @@ class LatentVideoDataModule(L.LightningDataModule):
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
     def _replicas(self) -> tuple[int, int]:
-        """(number of data-parallel replicas, this rank) from the attached trainer; (1, 0) without one."""
-        trainer = self.trainer
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        """(number of data-parallel replicas, this rank) from the attached trainer; (1, 0) without one. The S
+        ranks of a sequence-parallel group are one replica (distributed/sequence_parallel.py)."""
+        return data_parallel(self.trainer) if self.trainer is not None else (1, 0)
 
     def train_dataloader(self) -> DataLoader:
         data = self._split("train")

@@ -26,6 +26,13 @@ Activations (an estimate, batch `--batch_per_gpu`): per transformer block of the
 Recomputation in Large Transformer Models", Eq. 1 with a fused attention: the 5 a s^2 term dropped);
 with activation checkpointing per block, 2 * s * h per block (the block inputs) plus one block's full
 34 * s * h. Stage 3 back-propagates through the frozen DiT's features (counted like a trained network).
+
+Sequence parallelism (`--sequence_parallel_size S`, Ulysses, distributed/sequence_parallel.py): each rank of a
+group of S holds s / S of the tokens, so the activation estimate uses ceil(s / S); the all-to-all buffers are
+added (`sp_buffers`): around one attention call the send and receive buffers of the stacked q, k, v and of the
+output (2 x 4 x s / S x h), twice in stage 2 (its JVP sends tangents beside values), plus the whole hidden state
+gathered at each network's output (S copies of the shard sent, the sequence received, the result: 3 x s x h),
+in bf16 (2 bytes). Parameters, gradients and optimizer state are sharded over all GPUs as without S.
 """
 from __future__ import annotations
 
@@ -127,8 +134,20 @@ def activation_bytes(networks: list[nn.Module], seq_tokens: int, batch: int, che
     return total
 
 
+def sequence_parallel_bytes(networks: list[nn.Module], seq_tokens: int, batch: int, sp: int, jvp: bool) -> int:
+    """Ulysses all-to-all buffers per GPU (module docstring); 0 without sequence parallelism."""
+    if sp == 1:
+        return 0
+    widths = [getattr(net, "hidden_size", None) or net.cfg.hidden_size for net in networks]
+    local = math.ceil(seq_tokens / sp)
+    one_call = max(2 * 4 * local * h for h in widths) * (2 if jvp else 1)
+    gathered = sum(3 * seq_tokens * h for h in widths)
+    return 2 * batch * (one_call + gathered)
+
+
 def plan_stage(stage: str, backbone: str, gpus: int, strategy: str, seq_tokens: int, precision: str = "bf16-mixed",
-               batch_per_gpu: int = 1, activation_checkpointing: bool = True, init_args: dict | None = None) -> dict:
+               batch_per_gpu: int = 1, activation_checkpointing: bool = True, init_args: dict | None = None,
+               sequence_parallel_size: int = 1) -> dict:
     """Per-GPU bytes and elements of one stage (rank holding the most)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
@@ -136,6 +155,9 @@ def plan_stage(stage: str, backbone: str, gpus: int, strategy: str, seq_tokens: 
         raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     if gpus < 1 or seq_tokens < 1 or batch_per_gpu < 1:
         raise ValueError(f"gpus, seq_tokens and batch_per_gpu must be >= 1, got {gpus}, {seq_tokens}, {batch_per_gpu}")
+    sp = sequence_parallel_size
+    if sp < 1 or gpus % sp:
+        raise ValueError(f"--sequence_parallel_size {sp} must be >= 1 and divide --gpus {gpus}")
     nets = build_networks(stage, backbone, init_args)
     ds_bf16 = strategy == "deepspeed_zero3" and precision == "bf16-mixed"
     param_b, grad_b, opt_b, frozen_b = (2, 2, 12, 2) if ds_bf16 else (4, 4, 8, 4)
@@ -148,8 +170,11 @@ def plan_stage(stage: str, backbone: str, gpus: int, strategy: str, seq_tokens: 
            "optimizer_elements": 2 * trained,
            "params": trained * param_b, "grads": trained * grad_b, "optimizer": trained * opt_b,
            "ema": ema * frozen_b, "frozen": frozen * frozen_b,
-           "activations": activation_bytes(nets.grad_through, seq_tokens, batch_per_gpu, activation_checkpointing)}
-    out["total"] = sum(out[k] for k in ("params", "grads", "optimizer", "ema", "frozen", "activations"))
+           "activations": activation_bytes(nets.grad_through, math.ceil(seq_tokens / sp), batch_per_gpu,
+                                           activation_checkpointing),
+           "sp_buffers": sequence_parallel_bytes(nets.grad_through, seq_tokens, batch_per_gpu, sp,
+                                                 stage == "restricted_meanflow")}
+    out["total"] = sum(out[k] for k in ("params", "grads", "optimizer", "ema", "frozen", "activations", "sp_buffers"))
     return out
 
 
@@ -168,7 +193,8 @@ def stage_of_config(path: str) -> tuple[str, dict]:
 
 def format_table(rows: list[dict], header: str) -> str:
     gib = 2.0 ** 30
-    cols = ("params", "grads", "optimizer", "ema", "frozen", "activations", "total")
+    cols = ("params", "grads", "optimizer", "ema", "frozen", "activations",
+            *(("sp_buffers",) if any(row.get("sp_buffers") for row in rows) else ()), "total")
     lines = [header, "| stage | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for row in rows:
         lines.append(f"| {row['stage']} | " + " | ".join(f"{row[c] / gib:.2f} GiB" for c in cols) + " |")
@@ -187,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="bf16-mixed", help=f"one of {PRECISIONS}")
     p.add_argument("--batch_per_gpu", type=int, default=1)
     p.add_argument("--no_activation_checkpointing", action="store_true")
+    p.add_argument("--sequence_parallel_size", type=int, default=1,
+                   help="Ulysses sequence parallelism: GPUs sharing each sample's tokens (divides --gpus)")
     args = parser.parse_args(argv)
     for name, value, high in (("gpus", args.gpus, MAX_GPUS), ("seq_tokens", args.seq_tokens, None),
                               ("batch_per_gpu", args.batch_per_gpu, None)):
@@ -196,12 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         config_stage, init_args = stage_of_config(args.config)
         rows = [plan_stage(stage, args.backbone, args.gpus, args.strategy, args.seq_tokens, args.precision,
                            args.batch_per_gpu, not args.no_activation_checkpointing,
-                           init_args if stage == config_stage else None) for stage in STAGES]
+                           init_args if stage == config_stage else None, args.sequence_parallel_size)
+                for stage in STAGES]
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_table(rows, f"{args.backbone} on {args.gpus} GPUs, {args.strategy}, {args.precision}, "
-                             f"{args.seq_tokens} tokens x {args.batch_per_gpu} per GPU, activation checkpointing "
+                             f"{args.seq_tokens} tokens x {args.batch_per_gpu} per GPU, sequence parallel "
+                             f"{args.sequence_parallel_size}, activation checkpointing "
                              f"{'off' if args.no_activation_checkpointing else 'on'} (per GPU, rank holding the most)"))
     return 0
 

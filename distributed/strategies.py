@@ -49,17 +49,20 @@ class DeepSpeedZeRO3(AtomicShardedSave, DeepSpeedStrategy):
         device has no index); submodules named by the LightningModule's `modules_outside_zero()` are detached
         before the engine is built, so it neither partitions nor hooks nor steps them, and stay plain attributes
         of the module afterwards (ZeRO-3 walks every registered parameter at each step): the LightningModule
-        checkpoints them itself."""
+        checkpoints them itself. With --sequence_parallel_size S > 1 DeepSpeed's sequence-parallel groups go in
+        as `mpu` (distributed/sequence_parallel_strategy.py), which Lightning's own call never passes."""
         kept = {name: model._modules.pop(name) for name in getattr(model, "modules_outside_zero", tuple)()}
+        mpu = getattr(self, "sequence_parallel_mpu", None)
         try:
-            if isinstance(self.accelerator, CUDAAccelerator):
+            if isinstance(self.accelerator, CUDAAccelerator) and mpu is None:
                 return super()._setup_model_and_optimizer(model, optimizer, lr_scheduler)
             import deepspeed
 
+            cuda = isinstance(self.accelerator, CUDAAccelerator)
             engine, ds_optimizer, _, _ = deepspeed.initialize(
-                args=argparse.Namespace(device_rank=self.local_rank), config=self.config, model=model,
-                model_parameters=[p for p in model.parameters() if p.requires_grad], optimizer=optimizer,
-                lr_scheduler=lr_scheduler, dist_init_required=False)
+                args=argparse.Namespace(device_rank=self.root_device.index if cuda else self.local_rank),
+                config=self.config, model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                optimizer=optimizer, lr_scheduler=lr_scheduler, dist_init_required=False, mpu=mpu)
             return engine, ds_optimizer
         finally:
             for name, module in kept.items():

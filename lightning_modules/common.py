@@ -8,6 +8,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
+from distributed.sequence_parallel import data_parallel
 from models.io import build_backbone, save_backbone
 from models.protocol import TextCond
 
@@ -130,9 +131,10 @@ def shard_generator(module: L.LightningModule, seed: int, batch_idx: int, step: 
     the optimizer step where that is not one per batch (stage 3's GAN steps two optimizers)."""
     trainer = module.trainer
     acc = trainer.accumulate_grad_batches
-    shards = trainer.world_size * acc
+    replicas, rank = data_parallel(trainer)  # the S ranks of a sequence-parallel group draw alike
+    shards = replicas * acc
     step = trainer.global_step if step is None else step
-    index = step * shards + trainer.global_rank * acc + batch_idx % acc
+    index = step * shards + rank * acc + batch_idx % acc
     return step_generator(seed, index, module.device)
 
 

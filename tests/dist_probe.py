@@ -52,6 +52,8 @@ class Probe(L.Callback):
             state = gathered_state_dict(pl_module.discriminator)
             if trainer.global_rank == 0:
                 save_file(state, self.out_dir / f"{tag}_discriminator.safetensors")
+        sp_state = getattr(trainer.strategy, "sequence_parallel_state", None)  # --sequence_parallel_size > 1
+        layout = None if sp_state is None or sp_state.layout is None else [sp_state.layout.local, sp_state.layout.total]
         (self.out_dir / f"{tag}_rank{trainer.global_rank}.json").write_text(json.dumps(
             {"world": trainer.world_size, "global_step": trainer.global_step, "losses": self.losses, "held": held,
-             "optimizer_elements": opt_elements, "metrics": self.metrics}))
+             "optimizer_elements": opt_elements, "metrics": self.metrics, "sequence_parallel_layout": layout}))

@@ -171,6 +171,8 @@ def unsupported_reason(q: Tensor, k: Tensor, v: Tensor, dq: Tensor | None, dk: T
     if q.device.type != "cuda" and not (q.device.type == "cpu" and interpreter_active()):
         return (f"{q.device.type} tensors need a CUDA device, or TRITON_INTERPRET=1 set before triton is imported "
                 "(CPU)")
+    if q.device.type == "cuda" and q.dtype == torch.bfloat16 and torch.cuda.get_device_capability(q.device) < (8, 0):
+        return "bf16 dots need a GPU of compute capability >= 8.0"
     if not (q.dim() == k.dim() == v.dim() == 4):
         return f"inputs must be (B, H, N, D), got {q.dim()}-d"
     if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3] or k.shape[-1] != q.shape[-1]:

@@ -10,6 +10,7 @@ and Wan (rel 1e-5); the smoke run with `jvp_attention: triton` exports the `sdpa
 bad settings and benchmarks/gpu_check.py's CPU-side parts."""
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -148,6 +149,10 @@ def test_triton_key_padding_mask_merges_with_sdpa_masks():
 def test_triton_unknown_backend_is_refused(tiny_mmdit):
     from lightning_modules.meanflow import RestrictedMeanFlowModule
 
+    assert inspect.signature(RestrictedMeanFlowModule).parameters["jvp_attention"].default == "auto"  # stage 2's
+    settings = [line.split("#")[0].split(":")[1].strip() for path in sorted((ROOT / "configs").rglob("*.yaml"))
+                for line in path.read_text().splitlines() if line.strip().startswith("jvp_attention:")]
+    assert settings and set(settings) == {"auto"}  # every stage-2 config that sets it
     q = torch.randn(1, 1, 4, 8)
     with pytest.raises(ValueError, match="unknown JVP attention backend 'flash'; expected one of"):
         attention_jvp(q, q, q, q, None, None, backend="flash")

@@ -22,8 +22,6 @@ import pytest
 import torch
 import yaml
 
-from callbacks.checkpointing import COMPLETE_FILE, KILL_HOOK, checkpoint_problem, incomplete_path
-from callbacks.run_lock import LOCK_NAME, RunLock
 from integration.__main__ import main as integration_main
 from models.io import load_backbone
 from tests.conftest import ROOT
@@ -130,6 +128,9 @@ def test_sigkill_during_fsdp2_checkpoint_write_resumes_from_a_complete_one(tmp_p
     checkpoint survives whole; `--ckpt_path last` says which directory was incomplete, resumes from the
     step-2 one and ends at step 4 with the weights of an uninterrupted run (before: `last.ckpt/` was
     rewritten in place, and the resume failed with a bare `EOFError`)."""
+    from callbacks.checkpointing import COMPLETE_FILE, KILL_HOOK, checkpoint_problem, incomplete_path
+    from callbacks.run_lock import LOCK_NAME
+
     data, extra = tmp_path / "data", ("--config", "configs/strategy/fsdp2.yaml", "--config",
                                       str(fsdp2_config(tmp_path)), "--trainer.devices", "2",
                                       "--data.init_args.batch_size", "1")
@@ -163,6 +164,8 @@ def test_export_guard_advice_is_not_a_dead_end(tmp_path):
     guard then says so and advises deleting the export, not `--ckpt_path last` (which cannot work)."""
     import train
 
+    incomplete_path = lambda p: p.with_name(f".{p.name}.incomplete")  # noqa: E731  (callbacks/checkpointing.py)
+
     root = tmp_path / "run"
     (root / "export").mkdir(parents=True)
     (root / "export" / "model.safetensors").write_bytes(b"x")
@@ -184,6 +187,7 @@ def test_second_run_into_a_locked_root_is_refused_naming_the_pid(tmp_path, capsy
     """While one train.py runs, a second one into the same root exits non-zero within 10 s naming the
     first's pid (before: both ran, mixing metrics.csv rows and replacing each other's export). Once the
     first is SIGKILLed, its lock is stale and the next run takes it over, saying so."""
+    LOCK_NAME = "run.lock"  # noqa: N806  (callbacks/run_lock.py)
     root, data = tmp_path / "run", tmp_path / "data"
     first = subprocess.Popen(train_command(root, data, 100000), cwd=ROOT, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -201,6 +205,8 @@ def test_second_run_into_a_locked_root_is_refused_naming_the_pid(tmp_path, capsy
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
+    from callbacks.run_lock import RunLock
+
     lock = RunLock(root).acquire()
     assert f"taking over a stale lock (pid {first.pid}" in capsys.readouterr().err
     assert json.loads((root / LOCK_NAME).read_text())["pid"] == os.getpid()

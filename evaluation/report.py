@@ -1,5 +1,6 @@
 """Write an evaluation's results: results.csv / results.json / per_video.csv, report.md (the paper's
-Table 1-4 layouts), pareto.png, samples/<method>.gif and TensorBoard scalars, images and videos.
+Table 1-4 layouts), pareto.png, samples/<method>.gif, samples/compare/<a>__vs__<b>.gif (the arms of each
+comparison side by side on the same prompts) and TensorBoard scalars, images and videos.
 
 A result row is a flat dict with the keys in `COLUMNS`; the score definitions live here:
 
@@ -142,12 +143,18 @@ def compare(per_video: dict[str, dict[str, np.ndarray]], labels: dict[str, str],
 
 def with_second_scorer(pairs: list[dict], per_video: dict[str, dict[str, np.ndarray]]) -> list[dict]:
     """Each pair with the second scorer's twin (`SECOND_SCORER`) right after every metric that has one, where
-    every method the pair names was scored by it."""
+    every method the pair names was scored by it; a pair that compares a metric containing the digit
+    (`DIGIT_DEPENDENT`) but not the digit itself gets the digit (and its twin) after that metric, so every
+    verdict that rests on the digit shows whether it holds under both scorers."""
     out = []
     for pair in pairs:
         names = [pair[k] for k in "abcd" if pair.get(k) is not None]
+        asked = list(pair["metrics"])
+        first = next((i for i, m in enumerate(asked) if m in DIGIT_DEPENDENT), None)
+        if first is not None and "digit_acc" not in asked and all("digit_acc" in per_video[n] for n in names):
+            asked.insert(first + 1, "digit_acc")
         metrics = []
-        for m in pair["metrics"]:
+        for m in asked:
             metrics.append(m)
             twin = SECOND_SCORER.get(m)
             if twin and twin not in pair["metrics"] and all(twin in per_video[n] for n in names):

@@ -127,9 +127,11 @@ def _rows_and_scores(cnn_gap: float, second_gap: float) -> tuple[list[dict], dic
                                                              (0.0, 0.0, False)])
 def test_a_digit_verdict_that_differs_between_scorers_is_scorer_dependent(cnn_gap, second_gap, dependent):
     rows, per_video = _rows_and_scores(cnn_gap, second_gap)
-    pairs = [{"a": "a", "b": "b", "label": "A vs B", "metrics": ["semantic", "digit_acc"]}]
+    pairs = [{"a": "a", "b": "b", "label": "A vs B", "metrics": ["semantic", "quality"]}]
     entries = {e["metric"]: e for e in report.add_statistics(rows, per_video, "b", pairs, P, INDICES)}
-    assert list(entries) == ["semantic", "digit_acc", "digit2_acc"]  # the twin follows the CNN's digit
+    # semantic contains the digit: the digit under both scorers follows it, though not asked for
+    assert list(entries) == ["semantic", "digit_acc", "digit2_acc", "quality"]
+    assert report.SCORER_DEPENDENT not in entries["quality"]["verdict"]
     assert entries["digit_acc"]["scorer_dependent"] is dependent and entries["digit2_acc"]["scorer_dependent"] is dependent
     for key in ("digit_acc", "digit2_acc"):
         assert (report.SCORER_DEPENDENT in entries[key]["verdict"]) is dependent

@@ -20,9 +20,8 @@ Gathering the image tokens at the output is the same all-to-all applied to S cop
 Gradients. Every rank of an SP group computes the same loss L from the gathered output. With exact
 adjoints for every collective, rank r's backward gives the gradient of sum_j L_j = S * L with respect to
 its own copy of each parameter, so the S ranks' gradients sum to S * dL/dtheta: averaging over all
-world-size ranks (DDP, FSDP2 over all ranks) is exactly the data-parallel average over the
-world / S groups. (DeepSpeed with its sequence-parallel `mpu` divides by world / S instead; its strategy
-scales the backward by 1 / S: distributed/strategies.py.)
+world-size ranks (DDP, FSDP2 over all ranks, ZeRO-3's reduce-scatter) is exactly the data-parallel average
+over the world / S groups (distributed/sequence_parallel_strategy.py).
 
 Where it runs. `ComposedBackbone.run` (models/protocol.py) shards the tokens after `embed` (`shard`) and
 gathers the hidden state before `head` (`gather`); the stage-3 predictor does the same; the blocks mark

@@ -12,9 +12,8 @@ configured strategy (DDP, `FSDP2`, `DeepSpeedZeRO3` of distributed/strategies.py
   `sequence_parallel.data_parallel`, so the S ranks draw the same noise, times and guidance);
 - activates the SP state around the training / validation steps and the backward (activation checkpointing
   recomputes blocks there), so samplers and callbacks outside these run unsplit;
-- under DeepSpeed scales the backward by 1 / S: with an `mpu` DeepSpeed averages gradients over world / S ranks,
-  while every rank of an SP group backpropagates the whole (identical) loss.
-DDP and FSDP2 average over all ranks, which is already the data-parallel average.
+DDP, FSDP2 and ZeRO-3's reduce-scatter (its default; `check_deepspeed_reduce_scatter`) average gradients over all
+ranks, which is the data-parallel average (every rank of an SP group backpropagates the whole, identical loss).
 """
 from __future__ import annotations
 
@@ -40,6 +39,8 @@ def sequence_parallel_class(cls: type) -> type:
 
         if isinstance(self, DeepSpeedStrategy):
             from deepspeed.runtime.sequence_parallel import parallel_state_sp
+
+            check_deepspeed_reduce_scatter(self.config, s)
 
             parallel_state_sp.initialize_sequence_parallel(s)
             self.sequence_parallel_mpu = parallel_state_sp
@@ -68,8 +69,6 @@ def sequence_parallel_class(cls: type) -> type:
             return super(new, self).validation_step(*args, **kwargs)
 
     def backward(self, closure_loss, *args, **kwargs):
-        if self.sequence_parallel_mpu is not None:  # DeepSpeed averages over world / S ranks (module docstring)
-            closure_loss = closure_loss / self.sequence_parallel_size
         with sp.activate(self.sequence_parallel_state):
             return super(new, self).backward(closure_loss, *args, **kwargs)
 
@@ -79,6 +78,18 @@ def sequence_parallel_class(cls: type) -> type:
         "setup_environment": setup_environment, "distributed_sampler_kwargs": property(distributed_sampler_kwargs),
         "training_step": training_step, "validation_step": validation_step, "backward": backward})
     return new
+
+
+def check_deepspeed_reduce_scatter(config: dict | None, s: int) -> None:
+    """ZeRO-3 with a sequence-parallel `mpu` averages gradients over all ranks on its reduce-scatter path
+    (`reduce_scatter: true`, the default; stage3.py `__avg_scatter_grads`), which is the data-parallel average
+    here (module docstring), but over world / S ranks on its all-reduce path (`reduce_scatter: false`,
+    `__avg_scatter_contiguous_grads`, only for buckets under `reduce_bucket_size`): refuse that one."""
+    zero = (config or {}).get("zero_optimization") or {}
+    if zero.get("reduce_scatter", True) is False:
+        raise ValueError(f"--sequence_parallel_size {s} under DeepSpeed needs zero_optimization.reduce_scatter: true "
+                         f"(its default): with false, ZeRO-3 scales sequence-parallel gradients by S for some buckets "
+                         f"only; remove reduce_scatter: false from the DeepSpeed config")
 
 
 def check_model(module, s: int) -> None:

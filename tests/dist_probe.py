@@ -23,6 +23,7 @@ class Probe(L.Callback):
         self.out_dir = Path(out_dir)
         self.losses: list[list[float]] = []  # [global_step after the batch, batch_idx, loss]
         self.metrics: list[dict[str, float]] = []  # manual optimization: the `train/` scalars after each batch
+        self.grad_norms: list[float | None] = []  # the trained network's gradient norm before clipping, per batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else None
@@ -30,6 +31,9 @@ class Probe(L.Callback):
             loss = trainer.callback_metrics["train/L_P"]
             self.metrics.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/")})
         self.losses.append([trainer.global_step, batch_idx, float(loss)])
+        engine = getattr(trainer.strategy, "deepspeed_engine", None)  # DeepSpeed clips, so it has the norm
+        norm = engine.get_global_grad_norm() if engine is not None else trainer.callback_metrics.get("train/grad_norm")
+        self.grad_norms.append(None if norm is None else float(norm))
 
     def on_train_end(self, trainer, pl_module) -> None:
         held = {}
@@ -56,4 +60,5 @@ class Probe(L.Callback):
         layout = None if sp_state is None or sp_state.layout is None else [sp_state.layout.local, sp_state.layout.total]
         (self.out_dir / f"{tag}_rank{trainer.global_rank}.json").write_text(json.dumps(
             {"world": trainer.world_size, "global_step": trainer.global_step, "losses": self.losses, "held": held,
-             "optimizer_elements": opt_elements, "metrics": self.metrics, "sequence_parallel_layout": layout}))
+             "optimizer_elements": opt_elements, "metrics": self.metrics, "sequence_parallel_layout": layout,
+             "grad_norms": self.grad_norms}))

@@ -159,7 +159,8 @@ def main(argv: list[str] | None = None) -> Path:
 
 def collect(dest: Path, eval_dir: Path, output_root: Path, progress: dict, marks: Path) -> Path:
     """Copy what a run is judged by (no weights) into `dest`, e.g. results/reproduction/ to be committed:
-    the evaluation's report.md / results.json / results.csv / per_video.csv / pareto.png, every stage's
+    the evaluation's report.md / results.json / results.csv / per_video.csv / pareto.png and the GIF grids
+    of its comparisons (samples/compare/), every stage's
     training log (its CSVLogger metrics.csv), stages.json and timings.json, and machine.json (the commit,
     the machine and the library versions the run used)."""
     import platform
@@ -171,6 +172,8 @@ def collect(dest: Path, eval_dir: Path, output_root: Path, progress: dict, marks
     for name in ("report.md", "results.json", "results.csv", "per_video.csv", "pareto.png"):
         if (eval_dir / name).exists():
             shutil.copy2(eval_dir / name, dest / name)
+    if (eval_dir / "samples" / "compare").is_dir():  # the side-by-side GIF grids report.md links
+        shutil.copytree(eval_dir / "samples" / "compare", dest / "samples" / "compare", dirs_exist_ok=True)
     for name in progress:
         log = output_root / name / "csv" / "metrics.csv"
         if log.exists():

@@ -88,6 +88,9 @@ def test_collect_copies_what_a_reproduction_is_judged_by(tmp_path):
     ev.mkdir()
     for name in ("report.md", "results.json", "results.csv", "per_video.csv"):
         (ev / name).write_text(name)
+    (ev / "samples" / "compare").mkdir(parents=True)
+    (ev / "samples" / "compare" / "a__vs__b.gif").write_bytes(b"GIF89a")
+    (ev / "samples" / "teacher.gif").write_bytes(b"GIF89a")  # per-method samples stay behind
     (root / "cfg_distill" / "csv").mkdir(parents=True)
     (root / "cfg_distill" / "csv" / "metrics.csv").write_text("step,loss\n1,0.5\n")
     (root / "cfg_distill" / "export").mkdir()
@@ -104,7 +107,8 @@ def test_collect_copies_what_a_reproduction_is_judged_by(tmp_path):
     assert (out / "training_logs" / "cfg_distill.csv").read_text().startswith("step,loss")
     assert {p.name for p in out.iterdir()} == {"report.md", "results.json", "results.csv", "per_video.csv",
                                                 "training_logs", "stages.json", "timings.json", "machine.json",
-                                                "stage_seconds.json"}
+                                                "stage_seconds.json", "samples"}
+    assert [p.name for p in (out / "samples").rglob("*.gif")] == ["a__vs__b.gif"]
     assert json.loads((out / "stage_seconds.json").read_text()) == {"cfg_distill": [600.0, 1200.0]}
     assert not list(out.rglob("*.safetensors"))
     machine = json.loads((out / "machine.json").read_text())

@@ -265,7 +265,8 @@ def convert_official(out: str | Path, dit: str | Path | None = None, predictor: 
     for name, given in (("restricted_meanflow", dit), ("predictor", predictor)):
         if given is not None:
             check_export_target(Path(out) / name, kind="converted export (convert-official)", sources=sources,
-                                is_same_kind=is_export_dir, overwrite=overwrite, flag=f"--out {out}: directory")
+                                is_same_kind=is_export_dir, overwrite=overwrite,
+                                label=f"{Path(out) / name} (the {name} export under --out)")
     backbone = _meta_backbone(hunyuan10_config(transformer_config))
     config = backbone.config  # complete: every diffusers default filled in
     jobs = []

@@ -138,24 +138,26 @@ def _overlaps(a: Path, b: Path) -> bool:
 
 
 def check_export_target(out: str | os.PathLike, *, kind: str, is_same_kind: Callable[[Path], bool],
-                        overwrite: bool, sources: tuple = (), flag: str = "--out") -> Path:
+                        overwrite: bool, sources: tuple = (), flag: str = "--out", label: str | None = None) -> Path:
     """Refuse an output directory a writer would replace when it is not its own earlier output: one that is,
     contains or is inside a source it reads; an existing directory that is not a previous `kind` export
-    (`is_same_kind`); a previous one without `overwrite`. Nothing is written or deleted here."""
+    (`is_same_kind`); a previous one without `overwrite`. Nothing is written or deleted here. `label` names
+    the directory in the messages (default: `flag out`)."""
+    label = label or f"{flag} {out}"
     target = Path(out).resolve()
     for source in sources:
         src = Path(source).resolve()
         if _overlaps(target, src):
             how = "is" if target == src else ("contains" if target in src.parents else "is inside")
-            raise ValueError(f"{flag} {out} {how} the source {source}: writing there would delete what it reads; "
-                             f"choose an {flag} outside it")
+            raise ValueError(f"{label} {how} the source {source}: writing there would delete what it reads; "
+                             f"choose a {flag} outside it")
     if target.exists() and not (target.is_dir() and not any(target.iterdir())):
         if not target.is_dir() or not is_same_kind(target):
-            raise FileExistsError(f"{flag} {out} exists and is not a previous {kind} (its files would be deleted); "
-                                  f"choose a new {flag} or remove it yourself")
+            raise FileExistsError(f"{label} exists and is not a previous {kind} (its files would be deleted); "
+                                  f"choose another {flag} or remove it yourself")
         if not overwrite:
-            raise FileExistsError(f"{flag} {out} holds a previous {kind}; pass --overwrite to replace it, or choose "
-                                  f"a new {flag}")
+            raise FileExistsError(f"{label} holds a previous {kind}; pass --overwrite to replace it, or choose "
+                                  f"another {flag}")
     return target
 
 

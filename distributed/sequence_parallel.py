@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
@@ -81,6 +82,13 @@ class SeqAllToAll(torch.autograd.Function):
 
 
 def all_to_all(x: Tensor, group, scatter_dim: int, gather_dim: int) -> Tensor:
+    """`SeqAllToAll`; a dual tensor without autograd (stage 2's JVP pass, `torch.no_grad()` + forward AD) sends
+    its value and tangent stacked, in one collective instead of two."""
+    primal, tangent = fwAD.unpack_dual(x)
+    if tangent is not None and not torch.is_grad_enabled():
+        d = x.ndim
+        both = _all_to_all(torch.stack([primal, tangent]), group, scatter_dim % d + 1, gather_dim % d + 1)
+        return fwAD.make_dual(both[0], both[1])
     return SeqAllToAll.apply(x, group, scatter_dim, gather_dim)
 
 

@@ -11,7 +11,7 @@ configured strategy (DDP, `FSDP2`, `DeepSpeedZeRO3` of distributed/strategies.py
 - gives every rank of an SP group the same samples (`distributed_sampler_kwargs`; the stages key their noise by
   `sequence_parallel.data_parallel`, so the S ranks draw the same noise, times and guidance);
 - activates the SP state around the training / validation steps and the backward (activation checkpointing
-  recomputes blocks there), so samplers and callbacks outside these run unsplit;
+  recomputes blocks there), so samplers and callbacks outside these run unsplit.
 DDP, FSDP2 and ZeRO-3's reduce-scatter (its default; `check_deepspeed_reduce_scatter`) average gradients over all
 ranks, which is the data-parallel average (every rank of an SP group backpropagates the whole, identical loss).
 """
@@ -28,7 +28,7 @@ def sequence_parallel_class(cls: type) -> type:
     """`cls` (a Lightning strategy class) with the sequence-parallel behaviour of the module docstring. A direct
     subclass, built here, so that `enable` can switch an existing strategy object to it (`__class__` assignment
     needs the same instance layout, which a mixin base in front of the strategies' own mixins breaks)."""
-    if getattr(cls, "sequence_parallel_class", False):
+    if getattr(cls, "is_sequence_parallel", False):
         return cls
 
     def setup_environment(self) -> None:
@@ -73,7 +73,7 @@ def sequence_parallel_class(cls: type) -> type:
             return super(new, self).backward(closure_loss, *args, **kwargs)
 
     new = type(f"SequenceParallel{cls.__name__}", (cls,), {
-        "__module__": __name__, "__doc__": cls.__doc__, "sequence_parallel_class": True,
+        "__module__": __name__, "__doc__": cls.__doc__, "is_sequence_parallel": True,
         "sequence_parallel_size": 1, "sequence_parallel_state": None, "sequence_parallel_mpu": None,
         "setup_environment": setup_environment, "distributed_sampler_kwargs": property(distributed_sampler_kwargs),
         "training_step": training_step, "validation_step": validation_step, "backward": backward})

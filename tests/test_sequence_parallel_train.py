@@ -155,3 +155,31 @@ def test_planner_divides_activations_and_adds_all_to_all_buffers(capsys) -> None
                          "--sequence_parallel_size", "2"]) == 0
     out = capsys.readouterr().out
     assert "sequence parallel 2" in out and "| restricted_meanflow |" in out and "sp_buffers" in out
+
+
+def test_ranks_of_a_sequence_parallel_group_read_the_same_samples() -> None:
+    """4 processes, S = 2: ranks (0, 1) and (2, 3) are the data-parallel replicas 0 and 1, for Lightning's samplers
+    (`distributed_sampler_kwargs`), the data module's and the stages' per-step draws (`data_parallel`)."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from datamodules.latent_video import EpochShuffleSampler
+    from distributed.sequence_parallel import data_parallel
+    from distributed.sequence_parallel_strategy import sequence_parallel_class
+
+    orders = []
+    for rank in range(4):
+        env = LightningEnvironment()
+        env.set_world_size(4)
+        env.set_global_rank(rank)
+        strategy = DDPStrategy(parallel_devices=[torch.device("cpu")] * 4, cluster_environment=env)
+        strategy.__class__ = sequence_parallel_class(DDPStrategy)
+        strategy.sequence_parallel_size = 2
+        kwargs = strategy.distributed_sampler_kwargs
+        assert (kwargs["num_replicas"], kwargs["rank"]) == (2, rank // 2)
+        trainer = SimpleNamespace(strategy=strategy, world_size=4, global_rank=rank)
+        assert data_parallel(trainer) == (2, rank // 2)
+        orders.append(list(EpochShuffleSampler(16, seed=0, num_replicas=2, rank=data_parallel(trainer)[1])))
+    assert orders[0] == orders[1] and orders[2] == orders[3] and not set(orders[0]) & set(orders[2])

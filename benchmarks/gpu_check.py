@@ -40,8 +40,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.gpu_scale import build, timed  # noqa: E402
-from losses.meanflow import meanflow_dudt, meanflow_target  # noqa: E402
+from benchmarks.gpu_scale import step_functions, timed  # noqa: E402
 from models.jvp import attention_jvp  # noqa: E402
 from models.jvp_triton import interpreter_active, reference_attention_jvp  # noqa: E402
 
@@ -129,31 +128,7 @@ def attention_rows(args) -> list[dict]:
 
 
 def stage2_rows(args) -> list[dict]:
-    teacher, student, x_t, text, t, r, g = build(args)
-    amp = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=not args.tiny)
-    target = torch.randn_like(x_t)
-
-    def u_fn(x, r_, t_):
-        return student.run(x, t_, text, r=r_, guidance=g).velocity
-
-    def fwd_bwd():
-        student.zero_grad(set_to_none=True)
-        with amp:
-            loss = F.mse_loss(u_fn(x_t, r, t).float(), target)
-        loss.backward()
-
-    def stage2(attention: str):
-        def step():
-            student.zero_grad(set_to_none=True)
-            with amp:
-                with torch.no_grad():
-                    v = teacher.run(x_t, t, text, guidance=g).velocity
-                    _, dudt = meanflow_dudt(u_fn, x_t, r, t, v.to(x_t.dtype), "forward_ad", attention=attention)
-                    u_tgt = meanflow_target(v.float(), dudt.float(), t, r)
-                loss = F.mse_loss(u_fn(x_t, r, t).float(), u_tgt)
-            loss.backward()
-        return step
-
+    x_t, fwd_bwd, stage2 = step_functions(args)
     t_fb = timed(fwd_bwd, args.device, args.warmup, args.repeats)
     t_kernel = timed(stage2("triton"), args.device, args.warmup, args.repeats)
     t_blocked = timed(stage2("blocked"), args.device, args.warmup, args.repeats)

@@ -102,7 +102,10 @@ def build(args):
     return teacher, student, x0, text, t, r, g
 
 
-def step_benchmarks(args) -> None:
+def step_functions(args):
+    """(student, fwd_bwd, stage2) at the benchmark's shape: `fwd_bwd()` is one plain forward+backward of the
+    student, `stage2(attention)` returns one stage-2 step (teacher forward, no-grad forward-AD JVP with the
+    `models.jvp` rules and that attention JVP backend, student forward+backward). Shared with gpu_check.py."""
     teacher, student, x_t, text, t, r, g = build(args)
     amp = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=not args.tiny)
     target = torch.randn_like(x_t)
@@ -116,20 +119,28 @@ def step_benchmarks(args) -> None:
             loss = F.mse_loss(u_fn(x_t, r, t).float(), target)
         loss.backward()
 
-    def stage2():
-        student.zero_grad(set_to_none=True)
-        with amp:
-            with torch.no_grad():
-                v = teacher.run(x_t, t, text, guidance=g).velocity
-                _, dudt = meanflow_dudt(u_fn, x_t, r, t, v.to(x_t.dtype), "forward_ad")
-                u_tgt = meanflow_target(v.float(), dudt.float(), t, r)
-            loss = F.mse_loss(u_fn(x_t, r, t).float(), u_tgt)
-        loss.backward()
+    def stage2(attention: str = "auto"):
+        def step():
+            student.zero_grad(set_to_none=True)
+            with amp:
+                with torch.no_grad():
+                    v = teacher.run(x_t, t, text, guidance=g).velocity
+                    _, dudt = meanflow_dudt(u_fn, x_t, r, t, v.to(x_t.dtype), "forward_ad", attention=attention)
+                    u_tgt = meanflow_target(v.float(), dudt.float(), t, r)
+                loss = F.mse_loss(u_fn(x_t, r, t).float(), u_tgt)
+            loss.backward()
+        return step
 
+    return x_t, fwd_bwd, stage2
+
+
+def step_benchmarks(args) -> None:
+    _, fwd_bwd, stage2_step = step_functions(args)
+    stage2 = stage2_step("auto")  # what training uses: the fused kernel on CUDA, the blocked rule on CPU
     t_fb = timed(fwd_bwd, args.device, args.warmup, args.repeats)
     t_s2 = timed(stage2, args.device, args.warmup, args.repeats)
     print(f"student forward+backward {t_fb:.3f} s; stage-2 step (teacher forward + forward-AD JVP with "
-          f"models.jvp rules + forward+backward) {t_s2:.3f} s = {t_s2 / t_fb:.2f}x (target <= 2.0x)")
+          f"models.jvp rules, jvp_attention auto + forward+backward) {t_s2:.3f} s = {t_s2 / t_fb:.2f}x (target <= 2.0x)")
 
     from torch.utils.flop_counter import FlopCounterMode
 

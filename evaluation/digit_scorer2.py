@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from datamodules import moving_digits as world
-from evaluation.semantic import NO_PREDICTION, ceiling_videos, floor_videos, to_intensity
+from evaluation.semantic import NO_PREDICTION, ceiling_videos, floor_videos, stored_settings_problem, to_intensity
 from models.io import atomic_write
 
 # ---- features (one home; intensities in [0, 1], sizes in pixels) ----
@@ -255,20 +255,9 @@ def _frame_accuracy(scorer: DigitScorer2, split: str, num: int, seed: int) -> fl
 def stale_reason(model_dir: str | Path, **settings) -> str | None:
     """Why the scorer in `model_dir` is not the one `settings` ask for (None: it is)."""
     model_dir = Path(model_dir)
-    weights, config_file = model_dir / WEIGHTS_FILE, model_dir / CONFIG_FILE
-    if not config_file.is_file():
-        return f"{'no ' + CONFIG_FILE if weights.is_file() else 'no second digit scorer'} in {model_dir}"
-    try:
-        stored = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        return f"{config_file} is not valid JSON ({err})"
-    if not weights.is_file():
-        return f"{weights} is missing"
-    wanted = training_settings(**settings)
-    got = {part: stored.get(part) or {} for part in wanted}
-    diff = [f"{part}.{k} = {got[part].get(k)} (wanted {v})" for part in wanted for k, v in wanted[part].items()
-            if got[part].get(k) != v]
-    return f"stale second digit scorer in {model_dir}: {', '.join(diff)}" if diff else None
+    problem, diff, _ = stored_settings_problem(model_dir, WEIGHTS_FILE, CONFIG_FILE, training_settings(**settings),
+                                               "second digit scorer")
+    return f"stale second digit scorer in {model_dir}: {', '.join(diff)}" if diff else problem
 
 
 def load_digit_scorer2(model_dir: str | Path) -> DigitScorer2:

@@ -273,27 +273,36 @@ def training_settings(steps: int = CLASSIFIER_DEFAULTS["steps"], batch_size: int
                           max_noise_std=MAX_NOISE_STD)}
 
 
+def stored_settings_problem(model_dir: Path, weights_name: str, config_name: str, wanted: dict[str, dict],
+                            what: str) -> tuple[str | None, list[str], dict]:
+    """(problem, differences, stored config) of a scorer cached in `model_dir` against the `wanted` settings
+    ({part: {key: value}}): problem = a missing or unreadable file; differences = the settings that differ.
+    Both empty: the cached scorer is the one asked for. Shared by both digit scorers."""
+    weights, config_file = model_dir / weights_name, model_dir / config_name
+    if not config_file.is_file():
+        return f"{'no ' + config_name if weights.is_file() else 'no ' + what} in {model_dir}", [], {}
+    try:
+        stored = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        return f"{config_file} is not valid JSON ({err})", [], {}
+    if not weights.is_file():
+        return f"{weights} is missing", [], stored
+    got = {part: stored.get(part) or {} for part in wanted}
+    diff = [f"{part}.{k} = {got[part].get(k)} (wanted {v})" for part in wanted for k, v in wanted[part].items()
+            if got[part].get(k) != v]
+    return None, diff, stored
+
+
 def stale_reason(model_dir: str | Path, **settings) -> str | None:
     """Why the classifier in `model_dir` is not the one `settings` ask for (None: it is), e.g. one left by
     an interrupted or shorter run. Compares architecture and every training setting stored beside it."""
     model_dir = Path(model_dir)
-    weights, config_file = model_dir / WEIGHTS_FILE, model_dir / CONFIG_FILE
-    if not config_file.is_file():
-        return f"{'no ' + CONFIG_FILE if weights.is_file() else 'no classifier'} in {model_dir}"
-    try:
-        stored = json.loads(config_file.read_text())
-    except json.JSONDecodeError as err:
-        return f"{config_file} is not valid JSON ({err})"
-    if not weights.is_file():
-        return f"{weights} is missing"
-    wanted = training_settings(**settings)
-    got = {part: stored.get(part) or {} for part in wanted}
-    diff = [f"{part}.{k} = {got[part].get(k)} (wanted {v})" for part in wanted for k, v in wanted[part].items()
-            if got[part].get(k) != v]
+    problem, diff, stored = stored_settings_problem(model_dir, WEIGHTS_FILE, CONFIG_FILE,
+                                                    training_settings(**settings), "classifier")
     if diff:
         return (f"stale digit classifier in {model_dir} (unseen-digit frame accuracy "
                 f"{stored.get('frame_accuracy_unseen')}): {', '.join(diff)}")
-    return None
+    return problem
 
 
 def ensure_digit_classifier(model_dir: str | Path, log=print, **settings) -> tuple[DigitClassifier, dict]:

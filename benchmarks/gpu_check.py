@@ -17,10 +17,13 @@ Rows:
   stage2     the stage-2 step (teacher forward + forward-AD JVP with the kernel + student forward+backward)
              over a plain forward+backward, at the HunyuanVideo shape of benchmarks/gpu_scale.py
              (target <= 2.0x); the same step with the blocked rule beside it
+  block      one sequence-parallel-free HunyuanVideo double block (24 heads x 128) at the stage-2 length:
+             the bytes its forward saves for backward (every saved tensor's storage counted once) and, on a GPU,
+             the allocated memory the forward leaves behind, beside the planner's estimate for one block
+             (`distributed.planner.activation_bytes`: 34 s h bytes; Korthikanti et al. 2022)
   smoke      stages 0-3 smoke configs through train.py on CUDA in bf16-mixed (exit code and seconds)
   extra      measurements other work registers with `register_measurement(name, fn)`: fn(args) returns
-             rows (dicts) for the table, e.g. one sequence-parallel-free block's peak activation memory beside
-             the planner's estimate.
+             rows (dicts) for the table.
 """
 from __future__ import annotations
 
@@ -128,7 +131,8 @@ def attention_rows(args) -> list[dict]:
 
 
 def stage2_rows(args) -> list[dict]:
-    x_t, fwd_bwd, stage2 = step_functions(args)
+    steps = step_functions(args)
+    x_t, fwd_bwd, stage2 = steps.x_t, steps.fwd_bwd, steps.stage2
     t_fb = timed(fwd_bwd, args.device, args.warmup, args.repeats)
     t_kernel = timed(stage2("triton"), args.device, args.warmup, args.repeats)
     t_blocked = timed(stage2("blocked"), args.device, args.warmup, args.repeats)
@@ -137,6 +141,35 @@ def stage2_rows(args) -> list[dict]:
                      f"~{n} tokens)", "fwd_bwd_s": t_fb, "stage2_kernel_s": t_kernel, "stage2_blocked_s": t_blocked,
              "stage2_over_fwd_bwd": t_kernel / t_fb, "stage2_blocked_over_fwd_bwd": t_blocked / t_fb,
              "target": f"<= {TARGETS['stage2_over_fwd_bwd']}", "ok": t_kernel / t_fb <= TARGETS["stage2_over_fwd_bwd"]}]
+
+
+def block_rows(args) -> list[dict]:
+    """One SP-free block's activation memory beside the planner's estimate (module docstring, `block`)."""
+    from distributed.planner import activation_bytes
+
+    steps = step_functions(argparse.Namespace(**{**vars(args), "double": 1, "single": 0}))
+    saved: dict[int, int] = {}  # storage -> bytes: a tensor saved twice is held once
+    weights = {p.untyped_storage().data_ptr() for p in steps.student.parameters()}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:  # activations only (bf16 weight casts do count)
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        out = steps.forward()
+    left = torch.cuda.memory_allocated() - before - out.untyped_storage().nbytes() if cuda else None
+    del out
+    tokens = steps.x_t[0, 0].numel() // 4 + args.text_tokens
+    planner = activation_bytes([steps.student], tokens, args.batch, checkpointing=False)  # one block: 34 s h
+    ratio = sum(saved.values()) / planner
+    return [{"what": f"one SP-free HunyuanVideo double block, {tokens} tokens: saved for backward vs the planner",
+             "saved_bytes": sum(saved.values()), "forward_left_bytes": left, "planner_bytes": planner,
+             "saved_over_planner": ratio}]
 
 
 def smoke_rows(args) -> list[dict]:
@@ -215,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     record = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
               "torch": torch.__version__, "triton": triton.__version__, "args": vars(args), "rows": []}
     build_args = argparse.Namespace(**{**vars(args), "tokens": args.stage2_tokens})
-    sections = [("check", check_rows, args), ("attention", attention_rows, args), ("stage2", stage2_rows, build_args)]
+    sections = [("check", check_rows, args), ("attention", attention_rows, args), ("stage2", stage2_rows, build_args),
+                ("block", block_rows, build_args)]
     if not args.no_smoke:
         sections.append(("smoke", smoke_rows, args))
     sections += [(name, fn, args) for name, fn in _EXTRA.items()]

@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -102,10 +103,11 @@ def build(args):
     return teacher, student, x0, text, t, r, g
 
 
-def step_functions(args):
-    """(student, fwd_bwd, stage2) at the benchmark's shape: `fwd_bwd()` is one plain forward+backward of the
-    student, `stage2(attention)` returns one stage-2 step (teacher forward, no-grad forward-AD JVP with the
-    `models.jvp` rules and that attention JVP backend, student forward+backward). Shared with gpu_check.py."""
+def step_functions(args) -> SimpleNamespace:
+    """The benchmark's steps at its shape, shared with gpu_check.py: `forward()` = the student's velocity with
+    autograd (bf16 autocast on GPUs), `fwd_bwd()` = one plain forward+backward, `stage2(attention)` = one
+    stage-2 step (teacher forward, no-grad forward-AD JVP with the `models.jvp` rules and that attention JVP
+    backend, student forward+backward); also `student` and `x_t`."""
     teacher, student, x_t, text, t, r, g = build(args)
     amp = torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16, enabled=not args.tiny)
     target = torch.randn_like(x_t)
@@ -113,11 +115,13 @@ def step_functions(args):
     def u_fn(x, r_, t_):
         return student.run(x, t_, text, r=r_, guidance=g).velocity
 
+    def forward():
+        with amp:
+            return u_fn(x_t, r, t)
+
     def fwd_bwd():
         student.zero_grad(set_to_none=True)
-        with amp:
-            loss = F.mse_loss(u_fn(x_t, r, t).float(), target)
-        loss.backward()
+        F.mse_loss(forward().float(), target).backward()
 
     def stage2(attention: str = "auto"):
         def step():
@@ -131,12 +135,12 @@ def step_functions(args):
             loss.backward()
         return step
 
-    return x_t, fwd_bwd, stage2
+    return SimpleNamespace(student=student, x_t=x_t, forward=forward, fwd_bwd=fwd_bwd, stage2=stage2)
 
 
 def step_benchmarks(args) -> None:
-    _, fwd_bwd, stage2_step = step_functions(args)
-    stage2 = stage2_step("auto")  # what training uses: the fused kernel on CUDA, the blocked rule on CPU
+    steps = step_functions(args)
+    fwd_bwd, stage2 = steps.fwd_bwd, steps.stage2("auto")  # what training uses: the fused kernel on CUDA, the blocked rule on CPU
     t_fb = timed(fwd_bwd, args.device, args.warmup, args.repeats)
     t_s2 = timed(stage2, args.device, args.warmup, args.repeats)
     print(f"student forward+backward {t_fb:.3f} s; stage-2 step (teacher forward + forward-AD JVP with "

@@ -80,7 +80,9 @@ def test_triton_stage2_dudt_equals_sdpa_rule(interpreted, family):
 def test_triton_gpu_check_runs_at_toy_size(interpreted):
     record = interpreted["gpu_check"]
     sections = [row["section"] for row in record["rows"]]
-    assert sections == ["check", "check", "attention", "attention", "stage2", "probe"]  # probe: the hook
+    assert sections == ["check", "check", "attention", "attention", "stage2", "block", "probe"]  # probe: the hook
+    block = record["rows"][5]  # one SP-free block's activations beside the planner's 34 s h (fp32 here, no GPU)
+    assert block["saved_bytes"] > 0 and block["planner_bytes"] == 34 * (64 + 8) * 32 and block["saved_over_planner"] > 0
     assert all(row["ok"] for row in record["rows"] if row["section"] == "check")
     attention = [row for row in record["rows"] if row["section"] == "attention"]
     assert [row["tokens"] for row in attention] == [40, 100] and all(row["kernel_s"] > 0 for row in attention)

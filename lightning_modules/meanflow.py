@@ -90,14 +90,15 @@ class RestrictedMeanFlowModule(EMAStudentModule):
             student: defaults to a copy of the teacher with `enable_r_embedding(r_embed)`.
             r_embed: how the student embeds r: 'average' | 'sum' | 'interval'.
             restrict: R, the largest interval t - r (R = 1 is unrestricted MeanFlow).
-            equal_fraction: share of samples with r = t (plain flow matching).
+            equal_fraction: share of samples with r = t (plain flow matching), a fixed count per batch
+                (MeanFlow's ImageNet recipe, configs/meanflow.yaml: 0.75).
             time_distribution: training times, 'uniform' or 'logit_normal'.
             time_mean: logit-normal mean (of t).
             time_std: logit-normal standard deviation (of t).
             time_shift: timestep shift applied to the sampled times (1 = none).
             t_r_sampler: 'restricted' (losses.meanflow.sample_t_r, DisCa) or 'meanflow' (sample_t_r_meanflow,
-                MeanFlow as published: t and r from two logit-normals, sorted; needs restrict = 1 and
-                time_distribution 'logit_normal').
+                MeanFlow's own: t and r from two logit-normals, sorted, r = t on the first
+                int(equal_fraction B) pairs; needs restrict = 1 and time_distribution 'logit_normal').
             time_r_mean: logit-normal mean of r (t_r_sampler 'meanflow').
             time_r_std: logit-normal standard deviation of r (t_r_sampler 'meanflow').
             loss_reduction: how each sample's error is reduced before the adaptive weight, 'mean' | 'sum'

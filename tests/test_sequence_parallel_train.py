@@ -157,12 +157,17 @@ def test_planner_divides_activations_and_adds_all_to_all_buffers(capsys) -> None
     assert "sequence parallel 2" in out and "| restricted_meanflow |" in out and "sp_buffers" in out
 
 
-def test_ranks_of_a_sequence_parallel_group_read_the_same_samples() -> None:
+def test_ranks_of_a_sequence_parallel_group_read_the_same_samples(monkeypatch) -> None:
     """4 processes, S = 2: ranks (0, 1) and (2, 3) are the data-parallel replicas 0 and 1, for Lightning's samplers
     (`distributed_sampler_kwargs`), the data module's and the stages' per-step draws (`data_parallel`)."""
     from types import SimpleNamespace
 
     from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    # set_global_rank also sets the process-wide rank_zero_only.rank: restore it, or every later in-process
+    # run of the suite thinks it is rank 3 and its loggers write nothing
+    monkeypatch.setattr(rank_zero_only, "rank", rank_zero_only.rank)
     from lightning.pytorch.strategies import DDPStrategy
 
     from datamodules.latent_video import EpochShuffleSampler

@@ -267,7 +267,8 @@ def _minutes(seconds: float | None) -> str:
 
 def print_plan(estimates: dict[str, float | None], config: str, costs_from: str) -> None:
     known = [v for v in estimates.values() if v is not None]
-    print(f"plan ({config}; estimated from the measured costs in {costs_from}/, a 2-core CPU):")
+    print(f"plan ({config}; estimated from the seconds per step measured in {costs_from}/ on a 2-core CPU; "
+          "each stage's start-up, validation and export come on top):")
     for name, sec in estimates.items():
         print(f"  {name:<28} ~{_minutes(sec)}")
     print(f"  {'in all':<28} ~{_minutes(sum(known))}" + (" (+ stages with no estimate)" if len(known) < len(estimates)

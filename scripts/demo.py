@@ -199,6 +199,9 @@ def collect(dest: Path, eval_dir: Path, output_root: Path, progress: dict, marks
 # demo run, whose short stages carry start-up costs the long runs amortise). A stage with no measurement of its own
 # takes the median seconds per step of the measured stages of the same LightningModule class.
 COSTS_DIR = ROOT / "results/reproduction"
+# One training stage's start-up, validation and export beyond its steps, measured on 2026-12-07: two 150-step
+# stage-2 arms alone on the 2-core CPU took 177 and 173 s against 147 s of steps at the reproduction's cost.
+STARTUP_SECONDS = 27.0
 
 
 def _model_class(config: str) -> str:
@@ -253,7 +256,7 @@ def plan(cfg, stage_cfgs: list[dict], marks: Path) -> dict[str, float | None]:
         per_step = measured.get(s["name"])
         if per_step is None and by_class.get(_model_class(s["config"])):
             per_step = statistics.median(by_class[_model_class(s["config"])])
-        out[s["name"]] = None if steps is None or per_step is None else int(steps) * per_step
+        out[s["name"]] = None if steps is None or per_step is None else int(steps) * per_step + STARTUP_SECONDS
     per_video = evaluation_cost(costs_dir)
     for i, ev_cfg in enumerate([cfg.evaluate, *cfg.get("extra_evaluations", [])]):
         name = "evaluate" if i == 0 else f"evaluate_{Path(ev_cfg.output_dir).name}"
@@ -267,8 +270,8 @@ def _minutes(seconds: float | None) -> str:
 
 def print_plan(estimates: dict[str, float | None], config: str, costs_from: str) -> None:
     known = [v for v in estimates.values() if v is not None]
-    print(f"plan ({config}; estimated from the seconds per step measured in {costs_from}/ on a 2-core CPU; "
-          "each stage's start-up, validation and export come on top):")
+    print(f"plan ({config}; estimated from the seconds per step measured in {costs_from}/ on a 2-core CPU, "
+          f"plus {STARTUP_SECONDS:.0f} s of start-up and export per stage):")
     for name, sec in estimates.items():
         print(f"  {name:<28} ~{_minutes(sec)}")
     print(f"  {'in all':<28} ~{_minutes(sum(known))}" + (" (+ stages with no estimate)" if len(known) < len(estimates)

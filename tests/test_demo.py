@@ -150,10 +150,11 @@ def test_the_plan_estimates_every_stage_from_measured_costs_and_the_eta_counts_d
     (marks / "predictor_gan.done").write_text("")  # a finished stage is not planned
     est = demo.plan(cfg, DEMO["stages"], marks)
     steps = {s["name"]: int(demo.budget(s)["max_steps"]) for s in DEMO["stages"]}
-    assert "predictor_gan" not in est and est["cfg_distill"] == pytest.approx(2.0 * steps["cfg_distill"])
-    assert est["meanflow"] == pytest.approx(3.0 * steps["meanflow"])
+    start = demo.STARTUP_SECONDS
+    assert "predictor_gan" not in est and est["cfg_distill"] == pytest.approx(2.0 * steps["cfg_distill"] + start)
+    assert est["meanflow"] == pytest.approx(3.0 * steps["meanflow"] + start)
     # R = 1.0 was not measured: the median s/step of the stage-2 arms measured (1.0 and 3.0 -> 2.0)
-    assert est["restricted_meanflow_r1"] == pytest.approx(2.0 * steps["restricted_meanflow_r1"])
+    assert est["restricted_meanflow_r1"] == pytest.approx(2.0 * steps["restricted_meanflow_r1"] + start)
     assert est["predictor_gan_nogan"] is None  # no stage-3 measurement at all
     methods = demo._evaluation_size(cfg.evaluate)
     assert est["evaluate"] == pytest.approx(methods * 1.0)  # 64 s / (4 methods x 8 videos x 2 seeds) = 1 s each

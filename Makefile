@@ -68,7 +68,7 @@ smoke: $(STAMP)
 
 # Which factor explains the Restricted-MeanFlow gap (configs/attribution.yaml: seven stage-2 arms at 1,500 steps
 # each from one stage-1 export, stage 3 on MeanFlow's ImageNet recipe, the evaluation at 10 and 20 steps;
-# about 3.5 h of a 2-core CPU; resumable: rerun after an interruption). Results go to results/attribution/.
+# about 4.7 h of a free 2-core CPU; resumable: rerun after an interruption). Results go to results/attribution/.
 attribution: $(STAMP)
 	$(PY) scripts/demo.py --config configs/attribution.yaml --device $(DEVICE)
 

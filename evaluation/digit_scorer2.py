@@ -36,7 +36,8 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from datamodules import moving_digits as world
-from evaluation.semantic import NO_PREDICTION, ceiling_videos, floor_videos, stored_settings_problem, to_intensity
+from evaluation.semantic import (NO_PREDICTION, ceiling_videos, floor_videos, paste_in_world_colours,
+                                 stored_settings_problem, to_intensity)
 from models.io import atomic_write
 
 # ---- features (one home; intensities in [0, 1], sizes in pixels) ----
@@ -182,14 +183,7 @@ def augmented_frames(digits16: Tensor, gen: torch.Generator, size: int = world.F
     warped = _gaussian_blur(warped, torch.rand(b, generator=gen) * MAX_BLUR)
     bright = BRIGHTNESS_RANGE[0] + torch.rand(b, generator=gen) * (BRIGHTNESS_RANGE[1] - BRIGHTNESS_RANGE[0])
     warped = warped * bright[:, None, None]
-    table = torch.tensor(list(world.COLORS.values()))  # (6, 3)
-    rgb = table[torch.randint(len(table), (b,), generator=gen)]  # (B, 3)
-    pos = torch.randint(size - s + 1, (b, 2), generator=gen)
-    frames = torch.zeros(b, 3, size, size)
-    for i in range(b):
-        x, y = pos[i].tolist()
-        frames[i, :, y:y + s, x:x + s] = rgb[i, :, None, None] * warped[i]
-    frames = frames * 2 - 1  # (B, 3, H, W) in [-1, 1]
+    frames = paste_in_world_colours(warped, gen, size)  # (B, 3, H, W) in [-1, 1]
     noise_std = torch.rand(b, 1, 1, 1, generator=gen) * MAX_NOISE_STD
     frames = frames + noise_std * torch.randn(frames.shape, generator=gen)
     return to_intensity(frames[:, :, None])[:, 0]  # (B, H, W)

@@ -194,20 +194,26 @@ def noise_floor(scorer: SemanticScorer, num: int = 1000, seed: int = 1234, **wor
 
 # ---- classifier training ----
 
+def paste_in_world_colours(glyphs: Tensor, gen: torch.Generator, size: int = world.FRAME_SIZE) -> Tensor:
+    """(B, 3, size, size) frames in [-1, 1] on black: glyph i of `glyphs` (B, s, s) in a random colour of the world
+    at a random position (draws: colours, then positions). Shared by both digit scorers' training frames."""
+    b, s = glyphs.shape[0], glyphs.shape[-1]
+    table = torch.tensor(list(world.COLORS.values()))  # (6, 3)
+    rgb = table[torch.randint(len(table), (b,), generator=gen)]  # (B, 3)
+    pos = torch.randint(size - s + 1, (b, 2), generator=gen)
+    frames = torch.zeros(b, 3, size, size)
+    for i in range(b):
+        x, y = pos[i].tolist()
+        frames[i, :, y:y + s, x:x + s] = rgb[i, :, None, None] * glyphs[i]
+    return frames * 2 - 1
+
+
 def _augmented_frames(digits16: Tensor, labels: Tensor, batch_size: int, gen: torch.Generator,
                       size: int = world.FRAME_SIZE) -> tuple[Tensor, Tensor]:
     """One batch of world-like frames (B, 1, H, W): random image, colour, position and pixel noise,
     reduced to intensity by the same `to_intensity` the scorer uses."""
     idx = torch.randint(len(digits16), (batch_size,), generator=gen)
-    s = digits16.shape[-1]
-    table = torch.tensor(list(world.COLORS.values()))  # (6, 3)
-    rgb = table[torch.randint(len(table), (batch_size,), generator=gen)]  # (B, 3)
-    pos = torch.randint(size - s + 1, (batch_size, 2), generator=gen)
-    frames = torch.zeros(batch_size, 3, size, size)
-    for b in range(batch_size):
-        x, y = pos[b].tolist()
-        frames[b, :, y:y + s, x:x + s] = rgb[b, :, None, None] * digits16[idx[b]]
-    frames = frames * 2 - 1  # (B, 3, H, W) in [-1, 1]
+    frames = paste_in_world_colours(digits16[idx], gen, size)
     noise_std = torch.rand(batch_size, 1, 1, 1, generator=gen) * MAX_NOISE_STD
     frames = frames + noise_std * torch.randn(frames.shape, generator=gen)
     return to_intensity(frames[:, :, None])[:, :1], labels[idx]  # (B, 1, H, W), (B,)

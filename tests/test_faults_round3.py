@@ -278,22 +278,11 @@ def test_prepare_resume_notices_a_clip_replaced_under_the_same_name(tmp_path, ti
     import imageio.v3 as iio
     import numpy as np
 
-    from datamodules.video_source import PipelineEncoder, prepare_from_pipeline
-    from tests.test_video_source import ARGS, make_video_dir, write_mp4
+    from datamodules.video_source import prepare_from_pipeline
+    from tests.test_video_source import ARGS, interrupt_in_second_shard, make_video_dir, write_mp4
 
     videos = make_video_dir(tmp_path / "videos")
-    real, calls = PipelineEncoder.encode_video, []
-
-    def dying(self, video):
-        if len(calls) == 2:  # killed while encoding the second shard
-            raise KeyboardInterrupt
-        calls.append(1)
-        return real(self, video)
-
-    monkeypatch.setattr(PipelineEncoder, "encode_video", dying)
-    with pytest.raises(KeyboardInterrupt):
-        prepare_from_pipeline(tmp_path / "out", videos, tiny_pipeline_dir["wan"], **ARGS)
-    monkeypatch.setattr(PipelineEncoder, "encode_video", real)
+    interrupt_in_second_shard(tmp_path / "out", videos, tiny_pipeline_dir["wan"], monkeypatch)
     rng = np.random.default_rng(1)  # other clips, same names and sizes
     write_mp4(videos / "a.mp4", rng.integers(0, 255, (7, 24, 32, 3), dtype=np.uint8))
     iio.imwrite(videos / "b.gif", rng.integers(0, 255, (6, 20, 20, 3), dtype=np.uint8))

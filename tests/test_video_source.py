@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import av
 import imageio.v3 as iio
@@ -77,10 +78,10 @@ def test_prepare_with_pipeline_encoders(tmp_path, tiny_pipeline_dir, family):  #
     torch.testing.assert_close(everything["rain falls"], z[0], atol=1e-5, rtol=1e-5)
 
 
-def test_prepare_resumes_after_last_complete_shard(tmp_path, tiny_pipeline_dir, monkeypatch):  # noqa: F811
-    videos = make_video_dir(tmp_path / "videos")
-    calls = []
-    real = PipelineEncoder.encode_video
+def interrupt_in_second_shard(out: Path, videos: Path, pipeline_dir, monkeypatch) -> None:
+    """Run prepare_from_pipeline into `out` and kill it (KeyboardInterrupt) while it encodes the second shard;
+    the encoder is restored afterwards."""
+    real, calls = PipelineEncoder.encode_video, []
 
     def dying(self, video):
         if len(calls) == 2:  # killed while encoding the second shard
@@ -90,9 +91,15 @@ def test_prepare_resumes_after_last_complete_shard(tmp_path, tiny_pipeline_dir, 
 
     monkeypatch.setattr(PipelineEncoder, "encode_video", dying)
     with pytest.raises(KeyboardInterrupt):
-        prepare_from_pipeline(tmp_path / "out", videos, tiny_pipeline_dir["wan"], **ARGS)
+        prepare_from_pipeline(out, videos, pipeline_dir, **ARGS)
+    monkeypatch.setattr(PipelineEncoder, "encode_video", real)
+
+
+def test_prepare_resumes_after_last_complete_shard(tmp_path, tiny_pipeline_dir, monkeypatch):  # noqa: F811
+    videos = make_video_dir(tmp_path / "videos")
+    real, calls = PipelineEncoder.encode_video, []
+    interrupt_in_second_shard(tmp_path / "out", videos, tiny_pipeline_dir["wan"], monkeypatch)
     assert not (tmp_path / "out" / "metadata.json").exists()
-    calls.clear()
     monkeypatch.setattr(PipelineEncoder, "encode_video", lambda self, v: (calls.append(1), real(self, v))[1])
     meta = prepare_from_pipeline(tmp_path / "out", videos, tiny_pipeline_dir["wan"], **ARGS)
     assert len(calls) == 2  # the complete first shard (2 videos) was kept; 1 + 1 videos remained

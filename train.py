@@ -32,19 +32,6 @@ from models.mmdit import MMDiT  # noqa: E402
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
 
-class ReleaseRunLock(L.Callback):
-    """Frees the root directory's lock when fit ends, however it ends."""
-
-    def __init__(self, lock: RunLock):
-        self.lock = lock
-
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.lock.release()
-
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self.lock.release()
-
-
 class DisCaCLI(LightningCLI):
     parse_only = False
     run_lock: RunLock | None = None
@@ -75,8 +62,6 @@ class DisCaCLI(LightningCLI):
         """Every stage runs with a `DivergenceGuard`: the configured one, else a default one. It goes
         first, so it stops a diverged step before ModelCheckpoint/ExportOnTrainEnd save it."""
         trainer = super().instantiate_trainer(**kwargs)
-        if self.run_lock is not None:
-            trainer.callbacks.append(ReleaseRunLock(self.run_lock))
         guards = [c for c in trainer.callbacks if isinstance(c, DivergenceGuard)]
         for guard in guards:
             trainer.callbacks.remove(guard)
@@ -147,7 +132,7 @@ def main(args: list[str] | None = None) -> dict[str, Any]:
     try:
         ckpt_path = resolve_ckpt_path(cli.trainer, cli.config.ckpt_path)
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    finally:
+    finally:  # fit ended, however it ended: free the root directory (a crash before fit: RunLock's atexit)
         if cli.run_lock is not None:
             cli.run_lock.release()
     return {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
